@@ -1,0 +1,1 @@
+"""Lightning callbacks of dragexp (installed as ``dragexp.callbacks``)."""

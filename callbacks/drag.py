@@ -1,0 +1,90 @@
+"""Callbacks that act inside a drag optimisation step (the ``on_drag_features`` hook).
+
+:class:`DragOptimisation` calls ``on_drag_features(trainer, module, state)`` on every callback
+that has it, between the forward and the loss, in ``drag_hook_order``; and
+``on_drag_step_end(trainer, module, state)`` after the optimiser step.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from dragexp.losses import all_reached
+from dragexp.trackers import NearestFeatureTracker
+
+
+class DragCallback(L.Callback):
+    """Base class: a Lightning callback with the two drag hooks (no-ops here)."""
+
+    drag_hook_order = 50
+
+    def on_drag_features(self, trainer, module, state) -> None:  # noqa: D401
+        pass
+
+    def on_drag_step_end(self, trainer, module, state) -> None:
+        pass
+
+
+class PointTracking(DragCallback):
+    """Move each handle to where its initial feature now is, from the second step on.
+
+    The tracker strategy (default: DragDiffusion's L1 nearest neighbour in a 7x7 window) is
+    given by config; it sees this step's features, so tracking costs no extra forward.
+    """
+
+    drag_hook_order = 10
+
+    def __init__(self, tracker=None, start_step: int = 1):
+        self.tracker = tracker or NearestFeatureTracker()
+        self.start_step = int(start_step)
+
+    def on_drag_features(self, trainer, module, state) -> None:
+        if state.step < self.start_step:
+            return
+        with torch.no_grad():
+            state.handles = self.tracker(state.features_init, state.features.detach(),
+                                         state.handles_init, state.handles)
+
+
+class StopWhenReached(DragCallback):
+    """Stop before the loss once every handle is within ``threshold`` of its target (L2)."""
+
+    drag_hook_order = 20
+
+    def __init__(self, threshold: float = 2.0):
+        self.threshold = float(threshold)
+
+    def on_drag_features(self, trainer, module, state) -> None:
+        if all_reached(state.handles, state.targets, self.threshold):
+            state.stop = True
+
+
+class TrajectoryRecorder(DragCallback):
+    """Keeps the per-step handles, losses and distances of the current drag problem.
+
+    ``handles[k]`` is the handle positions after the tracking of step k (row 0 = clicked), the
+    convention of the conformance traces; ``losses[k]`` the total loss of step k.
+    """
+
+    drag_hook_order = 30
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.handles: list[list[list[float]]] = []
+        self.losses: list[float] = []
+        self.terms: list[dict[str, float]] = []
+        self.distances: list[float] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.reset()
+
+    def on_drag_features(self, trainer, module, state) -> None:
+        self.handles.append(state.handles.detach().cpu().tolist())
+        self.distances.append(float((state.targets - state.handles).norm(dim=-1).mean()))
+
+    def on_drag_step_end(self, trainer, module, state) -> None:
+        self.losses.append(float(state.loss))
+        self.terms.append(dict(state.loss_terms))

@@ -1,0 +1,189 @@
+"""Attention-processor machinery shared by every method that steers self-attention.
+
+One processor class, :class:`ControlledAttnProcessor`, does ordinary attention and asks a
+*controller* for the keys and values to use. Controllers implement the methods' ideas:
+
+* :class:`ReferenceControl` - DragDiffusion's reference-latent control (MasaCtrl's mutual
+  self-attention, METHODS.md DragDiffusion step 4; NOTES section 3): within each group of the
+  batch, every element's queries attend to the keys/values of the group's first element.
+  EasyDrag's reference attention is the same controller on a different set of layers.
+
+The processor calls ``attn.to_q`` / ``to_k`` / ``to_v`` / ``to_out``, so LoRA adapters that
+peft placed inside those linear layers stay active.
+
+Layers are counted from the model, never from SD 1.5 constants: :func:`transformer_blocks`
+lists the UNet's transformer blocks in execution order (down, mid, up), which is how MasaCtrl
+numbers them (block n owns attention calls 2n and 2n+1).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TransformerBlockInfo:
+    """One transformer block: its index in execution order and where it sits."""
+
+    index: int
+    name: str           # module path of the BasicTransformerBlock
+    region: str         # "down", "mid" or "up"
+    block: int | None   # index into down_blocks / up_blocks (None for mid)
+
+    @property
+    def self_attn(self) -> str:
+        return f"{self.name}.attn1.processor"
+
+    @property
+    def cross_attn(self) -> str:
+        return f"{self.name}.attn2.processor"
+
+
+def transformer_blocks(unet: nn.Module) -> list[TransformerBlockInfo]:
+    """The UNet's transformer blocks in forward (execution) order: down, mid, up."""
+    out: list[TransformerBlockInfo] = []
+
+    def collect(prefix: str, module: nn.Module, region: str, block: int | None) -> None:
+        for name, sub in module.named_modules():
+            if hasattr(sub, "attn1") and hasattr(sub, "attn2") and hasattr(sub, "ff"):
+                out.append(TransformerBlockInfo(len(out), f"{prefix}.{name}" if name else prefix,
+                                                region, block))
+
+    for i, blk in enumerate(unet.down_blocks):
+        collect(f"down_blocks.{i}", blk, "down", i)
+    if unet.mid_block is not None:
+        collect("mid_block", unet.mid_block, "mid", None)
+    for i, blk in enumerate(unet.up_blocks):
+        collect(f"up_blocks.{i}", blk, "up", i)
+    return out
+
+
+def self_attention_layers(unet: nn.Module, start_block: int = 0, regions=("down", "mid", "up"),
+                          up_blocks: tuple[int, ...] | None = None) -> list[str]:
+    """Processor names of the self-attention layers selected by block index and region."""
+    return [b.self_attn for b in transformer_blocks(unet)
+            if b.index >= start_block and b.region in regions
+            and (up_blocks is None or b.region != "up" or b.block in up_blocks)]
+
+
+class AttentionController:
+    """Decides, per layer and call, which keys/values the queries attend to.
+
+    Subclasses override :meth:`keys_values`; returning the inputs unchanged gives ordinary
+    attention. ``step`` is the denoising-step counter that the sampler advances.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def active(self, layer: str) -> bool:
+        return False
+
+    def keys_values(self, layer: str, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return key, value
+
+
+class ReferenceControl(AttentionController):
+    """Mutual self-attention: each batch group's elements attend to the group's first element.
+
+    Args:
+        layers: processor names where the control applies (e.g. ``attn1`` of transformer
+            blocks ``start_layer..15``).
+        start_step: first step (counted from the first executed denoising step) with control.
+        total_steps: control stays on while ``step < total_steps`` (MasaCtrl's ``total_steps``).
+        groups: number of equal batch chunks, each ``[reference, edited, ...]``; 2 under
+            classifier-free guidance (``[u_ref, u_edit, c_ref, c_edit]``), else 1.
+    """
+
+    def __init__(self, layers: list[str], start_step: int = 0, total_steps: int = 50,
+                 groups: int = 1) -> None:
+        super().__init__()
+        self.layers = set(layers)
+        self.start_step = int(start_step)
+        self.total_steps = int(total_steps)
+        self.groups = int(groups)
+
+    def active(self, layer: str) -> bool:
+        return layer in self.layers and self.start_step <= self.step < self.total_steps
+
+    def keys_values(self, layer, query, key, value):
+        if not self.active(layer):
+            return key, value
+        b = key.shape[0]
+        if b % self.groups:
+            raise ValueError(f"batch {b} is not divisible into {self.groups} reference groups")
+        per = b // self.groups
+        ref = torch.arange(b, device=key.device) // per * per
+        return key[ref], value[ref]
+
+
+class ControlledAttnProcessor:
+    """diffusers attention processor (SDPA) whose keys/values a controller may redirect."""
+
+    def __init__(self, name: str, controller: AttentionController):
+        self.name = name
+        self.controller = controller
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attention_mask is not None:
+            seq = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[1]
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        key, value = self.controller.keys_values(self.name, query, key, value)
+
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(key.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(value.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                       dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextmanager
+def attention_control(unet: nn.Module, controller: AttentionController) -> Iterator[AttentionController]:
+    """Install a controlled processor on every attention layer; restore the old ones on exit.
+
+    ``unet.set_attn_processor`` needs a processor for every layer, so every layer gets one and
+    the controller decides which of them deviate from ordinary attention.
+    """
+    old = dict(unet.attn_processors)
+    unet.set_attn_processor({name: ControlledAttnProcessor(name, controller) for name in old})
+    try:
+        yield controller
+    finally:
+        unet.set_attn_processor(old)

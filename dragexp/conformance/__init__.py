@@ -1,0 +1,1 @@
+"""Conformance runner: dragexp against the golden cases recorded from the authors' code."""

@@ -1,0 +1,276 @@
+"""The latent-optimising drag methods: DragDiffusion, and DragNoise as its parameters.
+
+One pipeline (METHODS.md, DragDiffusion steps 1-4):
+
+    LoRA -> encode (posterior mean) -> DDIM inversion to t -> drag optimisation
+         -> DDIM denoising (reference-latent control) -> decode -> resize to the source size
+
+Each stage is a function taking tensors so that the conformance adapters call exactly what the
+method calls. DragNoise differs only by values and strategies (what is optimised, the mask-term
+rule, the tracker's border rule, propagation instead of reference control).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..attention import ReferenceControl, attention_control, self_attention_layers
+from ..inversion import ddim_invert
+from ..modules.drag_optimisation import DragObjective, DragOptimisation, fit_drag
+from ..points import binarize_mask, clicks_to_grid, resize_mask_nearest, supervision_size
+from ..sampling import NoisePredictor, ddim_sample
+from ..schedule import DDIMSchedule
+from ..targets import LatentTarget
+
+if TYPE_CHECKING:
+    from ..data.sample import DragSample
+
+
+# -- stages as functions ---------------------------------------------------------------------
+
+def supervision_points(points_xy, image_hw: tuple[int, int], sup_hw: tuple[int, int]):
+    """Clicks -> (handles, targets) float32 (row, col) in the supervision grid."""
+    return clicks_to_grid(points_xy, image_hw, sup_hw)
+
+
+def supervision_mask(mask: torch.Tensor | np.ndarray, sup_hw: tuple[int, int]) -> torch.Tensor:
+    """Image-resolution mask (H, W) or (1, 1, H, W) -> binarised (1, 1, *sup_hw), nearest."""
+    m = torch.as_tensor(np.asarray(mask) if not torch.is_tensor(mask) else mask).float()
+    m = m.reshape(1, 1, *m.shape[-2:])
+    return resize_mask_nearest(binarize_mask(m), sup_hw)
+
+
+def invert(unet, latent0: torch.Tensor, text: torch.Tensor, schedule: DDIMSchedule,
+           n_actual: int) -> list[torch.Tensor]:
+    """DDIM inversion with the prompt, guidance 1 (METHODS.md step 2)."""
+    return ddim_invert(NoisePredictor(unet, text), latent0, schedule, n_actual)
+
+
+@dataclass
+class DenoiseSettings:
+    """How the final denoising runs.
+
+    Args:
+        reference_control: DragDiffusion's mutual self-attention on the reference branch.
+        start_step, start_layer, total_steps: the control's step and block gating.
+        end_step: DragNoise propagation endpoint: the bottleneck replaces the mid-block output
+            while the schedule index ``i < num_inference_steps - end_step``.
+    """
+
+    reference_control: bool = True
+    start_step: int = 0
+    start_layer: int = 10
+    total_steps: int = 50
+    end_step: int = 0
+
+
+def denoise(unet, latents: torch.Tensor, text: torch.Tensor, schedule: DDIMSchedule,
+            start_index: int, settings: DenoiseSettings, uncond: torch.Tensor | None = None,
+            guidance: float = 1.0, bottleneck: torch.Tensor | None = None,
+            on_step: Callable | None = None, predictor_hook: Callable | None = None) -> torch.Tensor:
+    """Denoise a batch ``[reference, edited, ...]`` from ``timesteps[start_index]`` to 0.
+
+    With reference control on, the edited branch's self-attention in transformer blocks
+    ``start_layer..`` reads the reference branch's keys/values (METHODS.md step 4). With a
+    ``bottleneck``, it replaces the mid-block output at the steps DragNoise propagates it.
+    """
+    n = schedule.num_inference_steps
+    predictor = NoisePredictor(unet, text, uncond, guidance, bottleneck,
+                               bottleneck_until=lambda i: i < n - settings.end_step)
+    eps_fn = predictor if predictor_hook is None else predictor_hook(predictor)
+    ctx = nullcontext(None)
+    controller = None
+    if settings.reference_control:
+        controller = ReferenceControl(self_attention_layers(unet, settings.start_layer),
+                                      settings.start_step, settings.total_steps,
+                                      groups=2 if guidance != 1.0 else 1)
+        ctx = attention_control(unet, controller)
+    with ctx:
+        return ddim_sample(eps_fn, latents, schedule, start_index, controller, on_step)
+
+
+# -- the method ------------------------------------------------------------------------------
+
+@dataclass
+class EditResult:
+    """Everything one edit produced (images uint8 HxWx3 at the source size)."""
+
+    image: np.ndarray
+    handles_xy: list[tuple[float, float]]
+    targets_xy: list[tuple[float, float]]
+    trajectory_xy: list[list[list[float]]]   # [step][handle] = [x, y] image pixels
+    losses: list[float]
+    distances: list[float]
+    num_steps: int
+    stopped_early: bool
+    timings: dict[str, float]
+    lora_path: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage (synchronising CUDA so GPU time is counted)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+class LatentDragMethod:
+    """DragDiffusion (and, by its parameters, DragNoise) on one :class:`DragSample`.
+
+    All arguments are plain values so Hydra can build it from ``configs/method/*.yaml``.
+
+    Args:
+        name: method name written with results.
+        lora_steps: LoRA fine-tuning steps (0 disables LoRA: the "without LoRA" ablation).
+        lora_lr, lora_rank, lora_batch_size: LoRA settings (METHODS.md step 1).
+        n_inference_step: DDIM schedule length; inversion_strength: fraction inverted.
+        feature_idx: UNet features supervising the drag (0 = mid, 1..4 = up_blocks).
+        sup_scale: supervision grid as a fraction of the image size (0.5).
+        r_m, r_p: motion patch radius and tracking radius (used by callbacks' defaults).
+        lam, lr, n_pix_step: mask weight, Adam lr, maximum optimisation steps.
+        target: "latent" (DragDiffusion) or "bottleneck" (DragNoise).
+        mask_term: "if_masked" (DragDiffusion) or "always" (DragNoise).
+        denoise: :class:`DenoiseSettings` values.
+        prompt_override: use this prompt instead of the sample's (None keeps it).
+    """
+
+    def __init__(self, name: str = "dragdiffusion", lora_steps: int = 80, lora_lr: float = 5e-4,
+                 lora_rank: int = 16, lora_batch_size: int = 4, n_inference_step: int = 50,
+                 inversion_strength: float = 0.7, feature_idx=(3,), sup_scale: float = 0.5,
+                 r_m: int = 1, r_p: int = 3, lam: float = 0.1, lr: float = 0.01,
+                 n_pix_step: int = 80, target: str = "latent", mask_term: str = "if_masked",
+                 reached: float = 2.0, denoise: dict | DenoiseSettings | None = None,
+                 prompt_override: str | None = None, seed: int = 0):
+        self.name = name
+        self.lora = dict(steps=int(lora_steps), lr=float(lora_lr), rank=int(lora_rank),
+                         batch_size=int(lora_batch_size))
+        self.schedule = DDIMSchedule.sd15(int(n_inference_step))
+        self.inversion_strength = float(inversion_strength)
+        self.feature_idx = [int(i) for i in (feature_idx if isinstance(feature_idx, (list, tuple))
+                                              else [feature_idx])]
+        self.sup_scale = float(sup_scale)
+        self.r_m, self.r_p = int(r_m), int(r_p)
+        self.lam, self.lr, self.n_pix_step = float(lam), float(lr), int(n_pix_step)
+        if target not in ("latent", "bottleneck"):
+            raise ValueError(f"method.target must be 'latent' or 'bottleneck', got {target!r}")
+        self.target_name = target
+        self.objective = DragObjective(self.r_m, self.lam, mask_term, reached)
+        d = denoise or {}
+        self.denoise_settings = d if isinstance(d, DenoiseSettings) else DenoiseSettings(**dict(d))
+        self.prompt_override = prompt_override
+        self.seed = int(seed)
+
+    # The strategy for what is optimised; DragNoise's lives in dragexp.targets too.
+    def make_target(self):
+        if self.target_name == "latent":
+            return LatentTarget()
+        from ..targets import BottleneckTarget
+        return BottleneckTarget()
+
+    def n_actual(self) -> int:
+        return self.schedule.num_edit_steps(self.inversion_strength)
+
+    def edit(self, sample: DragSample, models, callbacks: list, *, lora_dir: str | Path,
+             precision: str = "32-true", progress: bool = True) -> EditResult:
+        """Edit one sample; ``callbacks`` are the drag callbacks (tracking, stop, recorder)."""
+        timer = StageTimer()
+        device = models.device
+        H, W = sample.image.shape[:2]
+        prompt = self.prompt_override if self.prompt_override is not None else sample.prompt
+        sup_hw = supervision_size((H, W), self.sup_scale)
+        try:
+            handles, targets = supervision_points(sample.points, (H, W), sup_hw)
+        except ValueError as exc:
+            from ..data.sample import SampleError
+            raise SampleError(f"sample {sample.name!r}: points: {exc}") from exc
+        mask_sup = supervision_mask(sample.mask, sup_hw)
+        autocast = _autocast(precision, device)
+
+        text = models.encode_prompt(prompt)
+        lora_path = None
+        with timer("lora"):
+            if self.lora["steps"] > 0:
+                lora_path = self._lora(sample, prompt, models, text, lora_dir, precision, progress)
+        image = torch.from_numpy(sample.image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        with timer("encode"), torch.no_grad():
+            latent0 = models.encode_image(image.to(device, models.vae.dtype)).float()
+        n_actual = self.n_actual()
+        start = self.schedule.edit_index(n_actual)
+        t = self.schedule.timesteps[start]
+        with timer("inversion"), autocast:
+            z_t = invert(models.unet, latent0, text, self.schedule, n_actual)[-1].float()
+
+        recorder = next((c for c in callbacks if hasattr(c, "losses")), None)
+        module = DragOptimisation(models.unet, self.make_target(), z_t, t, text,
+                                  handles, targets, mask_sup, self.schedule, self.feature_idx,
+                                  self.objective, self.lr, self.n_pix_step)
+        with timer("optimisation"):
+            fit_drag(module, callbacks, precision=precision, progress=progress)
+        edited, bottleneck = module.target.outcome(module)
+        with timer("denoising"), autocast:
+            out = denoise(models.unet, torch.cat([z_t, edited]), text, self.schedule, start,
+                          self.denoise_settings, bottleneck=bottleneck)
+        with timer("decode"):
+            img = models.decode(out[1:2].to(models.vae.dtype)).float()
+            img = F.interpolate(img, size=(H, W), mode="bilinear", align_corners=False)
+            result = ((img[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+        if lora_path is not None:
+            _disable_lora(models.unet)
+
+        def to_xy(rc):
+            return [[c / sup_hw[1] * W, r / sup_hw[0] * H] for r, c in rc]
+
+        traj = [to_xy(step) for step in (recorder.handles if recorder else [])]
+        timer.seconds["total"] = sum(timer.seconds.values())
+        return EditResult(
+            image=result, handles_xy=[tuple(p) for p in to_xy(handles.tolist())],
+            targets_xy=[tuple(p) for p in to_xy(targets.tolist())], trajectory_xy=traj,
+            losses=list(recorder.losses) if recorder else [],
+            distances=list(recorder.distances) if recorder else [],
+            num_steps=module.num_steps, stopped_early=module.stopped_early,
+            timings=dict(timer.seconds), lora_path=str(lora_path) if lora_path else None)
+
+    def _lora(self, sample, prompt, models, text, lora_dir, precision, progress):
+        from ..lora import lora_cache_key
+        from ..modules.lora_finetune import train_lora
+
+        settings = dict(self.lora, resolution=int(models.resolution), seed=self.seed)
+        key = lora_cache_key(sample.image, prompt, models.source, settings)
+        return train_lora(models.unet, models.vae, text, sample.image, out_dir=lora_dir,
+                          cache_key=key, progress=progress,
+                          trainer_kwargs=dict(precision=precision),
+                          scaling_factor=models.scaling_factor, rank=self.lora["rank"],
+                          lr=self.lora["lr"], steps=self.lora["steps"],
+                          batch_size=self.lora["batch_size"], resolution=int(models.resolution),
+                          seed=self.seed)
+
+
+def _autocast(precision: str, device: torch.device):
+    if device.type == "cuda" and precision in ("16-mixed", "bf16-mixed"):
+        return torch.autocast("cuda", dtype=torch.float16 if precision == "16-mixed" else torch.bfloat16)
+    return nullcontext()
+
+
+def _disable_lora(unet) -> None:
+    """Remove this sample's adapter so the next sample starts from the base weights."""
+    if getattr(unet, "peft_config", None):
+        unet.delete_adapters(list(unet.peft_config.keys()))
