@@ -44,11 +44,14 @@ class _StepRecorder(DragCallback):
     def __init__(self):
         self.eps0 = None
         self.params: list[torch.Tensor] = []
+        self.used: list[torch.Tensor] = []
         self.losses: list[float] = []
 
     def on_drag_features(self, trainer, module, state):
         if state.step == 0:
             self.eps0 = state.eps.detach().clone()
+        if not state.stop:
+            self.used.append(module.param.detach().clone())
 
     def on_drag_step_end(self, trainer, module, state):
         self.params.append(module.param.detach().clone())
@@ -132,7 +135,8 @@ def run_latent_loop(case: Case, target, objective: DragObjective, tracker_border
     else:
         out["bottleneck_before"] = module.param_init
         out["bottleneck_after_step"] = after
-        out["bottleneck_per_iteration"] = after
+        out["bottleneck_per_iteration"] = (torch.cat(steps.used) if steps.used
+                                           else module.result[:0])
         out["optimized_bottleneck"] = module.result
         out["latent_returned_by_update"] = edited
         out["injected_bottleneck"] = bottleneck.expand(2, *bottleneck.shape[1:]).clone()
@@ -183,3 +187,15 @@ def dragdiffusion_masactrl_cfg(case: Case) -> dict[str, torch.Tensor]:
         "num_att_layers": torch.tensor(len(unet.attn_processors), dtype=torch.int32),
     })
     return out
+
+
+def _dragnoise(case: Case) -> dict[str, torch.Tensor]:
+    from dragexp.targets import BottleneckTarget
+
+    settings = DenoiseSettings(reference_control=False, end_step=int(case.param("end_step")))
+    objective = DragObjective(int(case.param("r_m")), float(case.param("lam")), "always")
+    return run_latent_loop(case, BottleneckTarget(), objective, "reference", settings)
+
+
+adapter("dragnoise.loop_real")(_dragnoise)
+adapter("dragnoise.loop_moving")(_dragnoise)

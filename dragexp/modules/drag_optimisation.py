@@ -123,6 +123,7 @@ class DragOptimisation(L.LightningModule):
         self.register_buffer("mask_latent", nn.functional.interpolate(
             self.mask, size=latent.shape[-2:], mode="nearest"))
         self.param = nn.Parameter(target.initial(self).float())
+        self.param_init = self.param.detach().clone()
         self.num_steps = 0
         self.stopped_early = False
         self.features_init: torch.Tensor | None = None
