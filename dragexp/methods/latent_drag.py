@@ -29,6 +29,7 @@ from ..points import binarize_mask, clicks_to_grid, resize_mask_nearest, supervi
 from ..sampling import NoisePredictor, ddim_sample
 from ..schedule import DDIMSchedule
 from ..targets import LatentTarget
+from ..trackers import BorderError
 
 if TYPE_CHECKING:
     from ..data.sample import DragSample
@@ -148,6 +149,8 @@ class LatentDragMethod:
         r_m, r_p: motion patch radius and tracking radius (used by callbacks' defaults).
         lam, lr, n_pix_step: mask weight, Adam lr, maximum optimisation steps.
         target: "latent" (DragDiffusion) or "bottleneck" (DragNoise).
+        tracker_border: "clip" or "reference" (DragNoise's crash near the top/left border,
+            reported up front as a clear error naming the sample and point).
         mask_term: "if_masked" (DragDiffusion) or "always" (DragNoise).
         denoise: :class:`DenoiseSettings` values.
         prompt_override: use this prompt instead of the sample's (None keeps it).
@@ -158,21 +161,22 @@ class LatentDragMethod:
                  inversion_strength: float = 0.7, feature_idx=(3,), sup_scale: float = 0.5,
                  r_m: int = 1, r_p: int = 3, lam: float = 0.1, lr: float = 0.01,
                  n_pix_step: int = 80, target: str = "latent", mask_term: str = "if_masked",
-                 reached: float = 2.0, denoise: dict | DenoiseSettings | None = None,
+                 reached: float = 2.0, tracker_border: str = "clip", denoise: dict | DenoiseSettings | None = None,
                  prompt_override: str | None = None, seed: int = 0):
         self.name = name
         self.lora = dict(steps=int(lora_steps), lr=float(lora_lr), rank=int(lora_rank),
                          batch_size=int(lora_batch_size))
         self.schedule = DDIMSchedule.sd15(int(n_inference_step))
         self.inversion_strength = float(inversion_strength)
-        self.feature_idx = [int(i) for i in (feature_idx if isinstance(feature_idx, (list, tuple))
-                                              else [feature_idx])]
+        self.feature_idx = ([int(feature_idx)] if isinstance(feature_idx, (int, str))
+                            else [int(i) for i in feature_idx])
         self.sup_scale = float(sup_scale)
         self.r_m, self.r_p = int(r_m), int(r_p)
         self.lam, self.lr, self.n_pix_step = float(lam), float(lr), int(n_pix_step)
         if target not in ("latent", "bottleneck"):
             raise ValueError(f"method.target must be 'latent' or 'bottleneck', got {target!r}")
         self.target_name = target
+        self.tracker_border = tracker_border
         self.objective = DragObjective(self.r_m, self.lam, mask_term, reached)
         d = denoise or {}
         self.denoise_settings = d if isinstance(d, DenoiseSettings) else DenoiseSettings(**dict(d))
@@ -202,6 +206,7 @@ class LatentDragMethod:
         except ValueError as exc:
             from ..data.sample import SampleError
             raise SampleError(f"sample {sample.name!r}: points: {exc}") from exc
+        self._check_border(sample, handles)
         mask_sup = supervision_mask(sample.mask, sup_hw)
         autocast = _autocast(precision, device)
 
@@ -224,7 +229,11 @@ class LatentDragMethod:
                                   handles, targets, mask_sup, self.schedule, self.feature_idx,
                                   self.objective, self.lr, self.n_pix_step)
         with timer("optimisation"):
-            fit_drag(module, callbacks, precision=precision, progress=progress)
+            try:
+                fit_drag(module, callbacks, precision=precision, progress=progress)
+            except BorderError as exc:
+                _disable_lora(models.unet)
+                raise BorderError(f"sample {sample.name!r}: {exc}") from exc
         edited, bottleneck = module.target.outcome(module)
         with timer("denoising"), autocast:
             out = denoise(models.unet, torch.cat([z_t, edited]), text, self.schedule, start,
@@ -248,6 +257,19 @@ class LatentDragMethod:
             distances=list(recorder.distances) if recorder else [],
             num_steps=module.num_steps, stopped_early=module.stopped_early,
             timings=dict(timer.seconds), lora_path=str(lora_path) if lora_path else None)
+
+    def _check_border(self, sample, handles: torch.Tensor) -> None:
+        """Refuse, before any work, handles the reference tracker cannot start from."""
+        if self.tracker_border != "reference":
+            return
+        for i, (r, c) in enumerate(handles.tolist()):
+            if r < self.r_p or c < self.r_p:
+                x, y = sample.points[2 * i]
+                raise BorderError(
+                    f"sample {sample.name!r}: handle {i} at (x={x:g}, y={y:g}) maps to supervision "
+                    f"(row {int(r)}, col {int(c)}), within r_p={self.r_p} of the top/left border, "
+                    "where the authors' DragNoise code crashes; set method.tracker_border=clip "
+                    "to clip the windows and continue")
 
     def _lora(self, sample, prompt, models, text, lora_dir, precision, progress):
         from ..lora import lora_cache_key

@@ -1,0 +1,166 @@
+"""Run one configured job: a method over a data source, results on disk and in W&B.
+
+This is what ``scripts/train.py`` calls with the composed Hydra config. It knows the config's
+*shape* (model, data, method, callbacks, trainer, logger groups) but builds every object by
+``hydra.utils.instantiate``, so the classes themselves know nothing of Hydra.
+
+A sample that fails (bad input, a border the reference cannot handle) is recorded in
+``errors.json`` with its message and the run goes on; samples already written stay written,
+and a sample whose results exist is not redone (``resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .data.sample import SampleError
+from .results import is_done, write_json_atomic, write_result
+from .trackers import BorderError
+from .wandb_run import ExperimentLog
+
+log = logging.getLogger("dragexp")
+
+_MODEL_CACHE: dict[str, object] = {}
+
+
+def load_models(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype):
+    """Build the model bundle once per process and reuse it for every job and sample."""
+    key = OmegaConf.to_yaml(model_cfg) + f"|{device}|{dtype}"
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        bundle = instantiate(model_cfg)
+        _MODEL_CACHE[key] = bundle.to(device, dtype)
+    return _MODEL_CACHE[key]
+
+
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, torch.dtype]:
+    """(Lightning precision, base-weight dtype). fp32 on CPU (FRAMEWORK.md, Lightning)."""
+    requested = str(requested)
+    if device.type != "cuda":
+        if requested not in ("32", "32-true"):
+            log.warning("trainer.precision=%s needs a GPU; running fp32 on %s", requested, device)
+        return "32-true", torch.float32
+    if requested == "16-mixed":
+        return requested, torch.float16
+    if requested == "bf16-mixed":
+        return requested, torch.bfloat16
+    return requested, torch.float32
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_drag_callbacks(cfg: DictConfig) -> list:
+    """Fresh callbacks for one drag problem, from the ``callbacks`` group (skips nulls)."""
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
+def run(cfg: DictConfig, out_dir: str | Path) -> dict:
+    """Run the configured method over the configured data; returns the run summary."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(int(cfg.seed))
+    device = pick_device(cfg.trainer.get("device", "auto"))
+    precision, dtype = resolve_precision(cfg.trainer.precision, device)
+    method = instantiate(cfg.method)
+    data = instantiate(cfg.data)
+    t0 = time.perf_counter()
+    models = load_models(cfg.model, device, dtype)
+    load_s = time.perf_counter() - t0
+    lora_dir = Path(cfg.paths.lora_cache)
+    results_dir = out_dir / "results"
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    wb = ExperimentLog(**dict(cfg.logger), config=resolved) if cfg.logger.get("enabled") else \
+        ExperimentLog(enabled=False)
+
+    rows, errors = [], []
+    names = list(getattr(data, "names", []))
+    items = data.iter_checked() if hasattr(data, "iter_checked") else \
+        ((s.name, s, None) for s in data)
+    from tqdm.auto import tqdm
+
+    for index, (name, sample, error) in enumerate(tqdm(items, total=len(names) or None,
+                                                       desc="samples", disable=not cfg.progress)):
+        if error is None and cfg.resume and is_done(results_dir, name):
+            rows.append(json.loads((results_dir / name / "result.json").read_text()))
+            continue
+        if error is None:
+            try:
+                torch.manual_seed(int(cfg.seed))
+                result = method.edit(sample, models, build_drag_callbacks(cfg), lora_dir=lora_dir,
+                                     precision=precision, progress=bool(cfg.progress))
+                folder = write_result(results_dir, sample, result,
+                                      extra=dict(method=method.name, model=models.source))
+                info = json.loads((folder / "result.json").read_text())
+                rows.append(info)
+                wb.log_sample(index, name, {
+                    "edited": result.image,
+                    "source_annotated": str(folder / "source_annotated.png"),
+                }, _metrics(info), result.trajectory_xy, result.losses)
+                continue
+            except (SampleError, BorderError, ValueError) as exc:
+                error = exc
+            except Exception as exc:  # keep what is done; report everything else loudly
+                error = exc
+                log.error("sample %s failed:\n%s", name, traceback.format_exc())
+        msg = f"{type(error).__name__}: {error}"
+        log.error("sample %s failed: %s", name, msg)
+        errors.append(dict(name=name, error=msg))
+        wb.log_error(index, name, msg)
+
+    summary = summarise(rows, errors, method.name, models.source, load_s)
+    summary["overrides"] = _job_overrides()
+    write_json_atomic(out_dir / "errors.json", errors)
+    write_json_atomic(out_dir / "run_summary.json", dict(summary, samples=rows))
+    wb.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    log.info("done: %d edited, %d failed, results in %s", summary["num_done"],
+             summary["num_failed"], results_dir)
+    return summary
+
+
+def _metrics(info: dict) -> dict:
+    m = {k: info[k] for k in ("num_steps", "final_distance_px", "initial_distance_px")}
+    m["stopped_early"] = int(bool(info["stopped_early"]))
+    m.update({f"seconds_{k}": v for k, v in info["timings"].items()})
+    return m
+
+
+def summarise(rows: list[dict], errors: list[dict], method: str, model: str, load_s: float) -> dict:
+    def mean(key):
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    stages = sorted({k for r in rows for k in r.get("timings", {})})
+    out = dict(method=method, model=model, num_done=len(rows), num_failed=len(errors),
+               mean_final_distance_px=mean("final_distance_px"),
+               mean_initial_distance_px=mean("initial_distance_px"),
+               mean_num_steps=mean("num_steps"),
+               reached_fraction=(sum(bool(r.get("stopped_early")) for r in rows) / len(rows)
+                                 if rows else float("nan")),
+               seconds_model_load=load_s)
+    for s in stages:
+        vals = [r["timings"][s] for r in rows if s in r.get("timings", {})]
+        out[f"seconds_{s}"] = sum(vals) / len(vals)
+    return out
+
+
+def _job_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:
+        return []

@@ -1,0 +1,99 @@
+"""Sweep summaries: one CSV row and one plotted point per setting of an ablation.
+
+:class:`SweepSummary` is a Hydra callback: when a multirun ends, it reads every job's
+``run_summary.json`` under the sweep directory and writes ``summary.csv`` and ``summary.png``.
+``python scripts/summarize.py DIR`` does the same for any folder of runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger("dragexp")
+
+COLUMNS = ["setting", "method", "num_done", "num_failed", "mean_initial_distance_px",
+           "mean_final_distance_px", "reached_fraction", "mean_num_steps", "seconds_lora",
+           "seconds_inversion", "seconds_optimisation", "seconds_denoising", "seconds_total"]
+
+
+def collect(root: str | Path) -> list[dict]:
+    """Every job summary below ``root``, ordered by job folder."""
+    rows = []
+    for f in sorted(Path(root).rglob("run_summary.json"), key=lambda p: _job_key(p.parent)):
+        s = json.loads(f.read_text())
+        s["setting"] = " ".join(s.get("overrides") or []) or f.parent.name
+        s["job_dir"] = str(f.parent)
+        rows.append(s)
+    return rows
+
+
+def _job_key(p: Path):
+    head = p.name.split("_")[0]
+    return (int(head), p.name) if head.isdigit() else (10**9, p.name)
+
+
+def write_summary(root: str | Path, title: str | None = None) -> tuple[Path, Path] | None:
+    root = Path(root)
+    rows = collect(root)
+    if not rows:
+        log.warning("no run_summary.json under %s", root)
+        return None
+    csv_path = root / "summary.csv"
+    with csv_path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+    png = root / "summary.png"
+    _plot(rows, png, title or root.name)
+    log.info("sweep summary: %s, %s", csv_path, png)
+    return csv_path, png
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["setting"].replace(" ", "\n") for r in rows]
+    x = range(len(rows))
+    fig, axes = plt.subplots(1, 3, figsize=(max(9, 1.6 * len(rows) * 1.5), 4))
+    axes[0].bar(x, [r.get("mean_initial_distance_px", 0) for r in rows], color="#bbb",
+                label="before")
+    axes[0].bar(x, [r.get("mean_final_distance_px", 0) for r in rows], width=0.5,
+                color="#c33", label="after")
+    axes[0].set_title("handle-target distance (px)")
+    axes[0].legend()
+    axes[1].bar(x, [r.get("mean_num_steps", 0) for r in rows], color="#36c")
+    axes[1].set_title("optimisation steps")
+    stages = ["seconds_lora", "seconds_inversion", "seconds_optimisation", "seconds_denoising"]
+    bottom = [0.0] * len(rows)
+    for s in stages:
+        vals = [float(r.get(s, 0) or 0) for r in rows]
+        axes[2].bar(x, vals, bottom=bottom, label=s.replace("seconds_", ""))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    axes[2].set_title("seconds per edit")
+    axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: write ``summary.csv`` / ``summary.png`` when a multirun ends."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        write_summary(config.hydra.sweep.dir, title=config.get("experiment_name"))
+
+    def on_run_end(self, config, **kwargs) -> None:
+        write_summary(config.hydra.run.dir, title=config.get("experiment_name"))

@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""Entry point: ``python scripts/train.py [experiment=NAME] [overrides...]``.
+
+Composes ``configs/train.yaml`` with Hydra and hands it to :func:`dragexp.experiment.run`.
+"""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from dragexp.experiment import run
+
+    run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()
