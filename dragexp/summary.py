@@ -26,9 +26,14 @@ def collect(root: str | Path) -> list[dict]:
     rows = []
     for f in sorted(Path(root).rglob("run_summary.json"), key=lambda p: _job_key(p.parent)):
         s = json.loads(f.read_text())
-        s["setting"] = " ".join(s.get("overrides") or []) or f.parent.name
         s["job_dir"] = str(f.parent)
         rows.append(s)
+    # A setting is named by the overrides that differ between the jobs (the swept values).
+    parsed = [dict(o.split("=", 1) for o in (r.get("overrides") or []) if "=" in o) for r in rows]
+    keys = sorted({k for p in parsed for k in p})
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    for r, p in zip(rows, parsed):
+        r["setting"] = " ".join(f"{k}={p.get(k)}" for k in varying) or Path(r["job_dir"]).name
     return rows
 
 

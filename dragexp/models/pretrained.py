@@ -1,0 +1,296 @@
+"""Loading real Stable Diffusion 1.5-family weights, and saving a bundle as a diffusers folder.
+
+Three sources are supported: a Hugging Face Hub id (downloaded or already in the local cache), a
+local diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``), and a community
+single-file checkpoint (``.safetensors`` / ``.ckpt`` in the original LDM layout). Every failure to
+find or read a source becomes a one-line :class:`ModelSourceError` that says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import huggingface_hub
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from dragexp.models.bundle import ModelBundle
+from dragexp.models.errors import ModelSourceError
+from dragexp.schedule import SD_SCHEDULER_CONFIG
+
+DEFAULT_SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+"""The SD 1.5 weights on the Hub (``runwayml/stable-diffusion-v1-5`` was removed; this is its mirror)."""
+
+# Only configs and tokenizer files: what from_single_file needs besides the checkpoint itself.
+_CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt"]
+
+# Hub failures surface as OSError (offline, missing file, HTTP errors, connection errors all
+# derive from it) or ValueError (malformed repo ids); both mean "this source cannot be loaded".
+_LOAD_ERRORS = (OSError, ValueError)
+
+
+def _offline_from_env() -> bool:
+    """Whether the Hub must not be contacted: HF_HUB_OFFLINE now, or when huggingface_hub loaded.
+
+    huggingface_hub reads the variable once at import; reading it again here lets a caller (or a
+    test) switch offline mode on for one load, so a missing id fails at once instead of after
+    about 25 s of connection retries.
+    """
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return env or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _looks_like_path(source: str) -> bool:
+    """True for strings that can only be filesystem paths (a Hub id is exactly ``owner/name``)."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def _first_line(err: Exception) -> str:
+    """The exception's type and the first line of its message, for one-line errors."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _hub_error(
+    source: str, err: Exception, what: str = "model", alternative: str | None = None
+) -> ModelSourceError:
+    """The one-line error for a Hub id that could not be loaded, with the two ways out."""
+    alternative = alternative or "use a local diffusers folder (model=local model.path=/path/to/folder)"
+    return ModelSourceError(
+        f"could not load {what} '{source}' from the Hugging Face Hub or its local cache "
+        f"({type(err).__name__}); download it with `hf download {source}` on a machine with network "
+        f"and set HF_HOME to that cache, or {alternative}"
+    )
+
+
+def _resolution(unet: UNet2DConditionModel, vae: AutoencoderKL, resolution: int | None) -> int:
+    """The given resolution, or the one the UNet was configured for (512 for SD 1.5)."""
+    if resolution is not None:
+        return int(resolution)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    return int(unet.config.sample_size) * vae_scale
+
+
+def _own_memory(bundle: ModelBundle) -> ModelBundle:
+    """Copies every CPU parameter and buffer out of the memory-mapped weight files.
+
+    Loaded tensors point into the mapped file at arbitrary byte offsets; CPU kernels pick their
+    vectorised paths by alignment, so such a model's outputs differ in the last bits from the
+    same weights in freshly allocated (64-byte aligned) memory. Copying makes a loaded model
+    bitwise reproducible and releases the file.
+    """
+    with torch.no_grad():
+        for module in bundle._modules():
+            for tensor in (*module.parameters(), *module.buffers()):
+                if tensor.device.type == "cpu":
+                    tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+    return bundle
+
+
+def _load_vae(source: str, revision: str | None, local_files_only: bool) -> AutoencoderKL:
+    """An AutoencoderKL from a Hub id or a local folder (an AutoencoderKL folder or a pipeline)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        # A whole pipeline folder is accepted too: its VAE lives in vae/.
+        is_pipeline = not (path / "config.json").exists() and (path / "vae").is_dir()
+        try:
+            return AutoencoderKL.from_pretrained(
+                str(path), subfolder="vae" if is_pipeline else None, torch_dtype=torch.float32
+            )
+        except _LOAD_ERRORS as err:
+            raise ModelSourceError(
+                f"could not load a VAE from local folder {path}: {_first_line(err)}"
+            ) from err
+    if _looks_like_path(source):
+        raise ModelSourceError(f"VAE folder not found: {source}")
+    try:
+        return AutoencoderKL.from_pretrained(
+            source, revision=revision, local_files_only=local_files_only, torch_dtype=torch.float32
+        )
+    except _LOAD_ERRORS as err:
+        raise _hub_error(source, err, "VAE") from err
+
+
+def load_pretrained(
+    path_or_id: str = DEFAULT_SD15_ID,
+    vae: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    local_files_only: bool | None = None,
+    resolution: int | None = None,
+) -> ModelBundle:
+    """Loads an SD 1.5-family model in diffusers layout from the Hub or a local folder.
+
+    Args:
+        path_or_id: a Hub id (default ``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local
+            diffusers folder with ``unet/``, ``vae/``, ``text_encoder/`` and ``tokenizer/``.
+        vae: optional VAE replacing the model's own: a Hub id (e.g. ``stabilityai/sd-vae-ft-mse``)
+            or a local folder.
+        revision: Hub revision (branch, tag or commit).
+        variant: weight file variant, e.g. ``"fp16"`` for ``*.fp16.safetensors``.
+        local_files_only: never contact the Hub; None means "if HF_HUB_OFFLINE is set".
+        resolution: working image side; None reads it from the UNet config (512 for SD 1.5).
+
+    Returns:
+        A float32, eval-mode, frozen bundle on the CPU (move it with :meth:`ModelBundle.to`).
+
+    Raises:
+        ModelSourceError: the folder or id could not be loaded (one line saying what to do).
+    """
+    if local_files_only is None:
+        local_files_only = _offline_from_env()
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        root, source, hub_kwargs = str(path), f"local:{path}", {}
+    elif _looks_like_path(path_or_id):
+        raise ModelSourceError(f"local model folder not found: {path_or_id}")
+    else:
+        root, source = path_or_id, f"hub:{path_or_id}"
+        hub_kwargs = dict(revision=revision, local_files_only=local_files_only)
+
+    try:
+        # float32 explicitly: transformers 5 otherwise keeps the checkpoint's dtype ("auto").
+        unet = UNet2DConditionModel.from_pretrained(
+            root, subfolder="unet", variant=variant, torch_dtype=torch.float32, **hub_kwargs
+        )
+        own_vae = None if vae else AutoencoderKL.from_pretrained(
+            root, subfolder="vae", variant=variant, torch_dtype=torch.float32, **hub_kwargs
+        )
+        text_encoder = CLIPTextModel.from_pretrained(
+            root, subfolder="text_encoder", variant=variant, dtype=torch.float32, **hub_kwargs
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **hub_kwargs)
+    except _LOAD_ERRORS as err:
+        if path.is_dir():
+            raise ModelSourceError(
+                f"could not load the diffusers folder {path} (needs unet/, vae/, text_encoder/, "
+                f"tokenizer/): {_first_line(err)}"
+            ) from err
+        raise _hub_error(path_or_id, err) from err
+
+    if vae:
+        own_vae = _load_vae(vae, revision=None, local_files_only=local_files_only)
+        source += f"+vae:{vae}"
+    bundle = ModelBundle(
+        unet, own_vae, text_encoder, tokenizer, _resolution(unet, own_vae, resolution), source
+    )
+    return _own_memory(bundle.to("cpu"))
+
+
+def _config_folder(config: str, local_files_only: bool) -> str:
+    """A local folder holding the diffusers configs for a single-file checkpoint.
+
+    A Hub id is resolved here, configs only, so that offline it fails at once with our message
+    (diffusers itself retries online when the cache lacks them).
+    """
+    path = Path(config).expanduser()
+    if path.is_dir():
+        return str(path)
+    if _looks_like_path(config):
+        raise ModelSourceError(f"config folder for the single-file checkpoint not found: {config}")
+    try:
+        return huggingface_hub.snapshot_download(
+            config, allow_patterns=_CONFIG_PATTERNS, local_files_only=local_files_only
+        )
+    except _LOAD_ERRORS as err:
+        raise _hub_error(
+            config, err, "configs", "pass config=/path/to/a/diffusers/folder of the same architecture"
+        ) from err
+
+
+def load_single_file(
+    path: str,
+    config: str | None = None,
+    vae: str | None = None,
+    resolution: int | None = None,
+    local_files_only: bool | None = None,
+) -> ModelBundle:
+    """Loads a community single-file SD 1.5 checkpoint (``.safetensors`` / ``.ckpt``, LDM layout).
+
+    Args:
+        path: the checkpoint file (UNet, VAE and CLIP text encoder in the original CompVis keys).
+        config: the architecture as a local diffusers folder or a Hub id; only its configs and
+            tokenizer files are read. None means ``stable-diffusion-v1-5/stable-diffusion-v1-5``
+            (must be in the Hub cache when offline).
+        vae: optional VAE replacing the checkpoint's: a Hub id or a local folder.
+        resolution: working image side; None reads it from the UNet config (512 for SD 1.5).
+        local_files_only: never contact the Hub; None means "if HF_HUB_OFFLINE is set".
+
+    Returns:
+        A float32, eval-mode, frozen bundle on the CPU.
+
+    Raises:
+        ModelSourceError: the file, the config or the VAE could not be loaded.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ModelSourceError(f"single-file checkpoint not found: {path}")
+    if local_files_only is None:
+        local_files_only = _offline_from_env()
+    config_folder = _config_folder(config or DEFAULT_SD15_ID, local_files_only)
+    overrides = {"vae": _load_vae(vae, None, local_files_only)} if vae else {}
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(file),
+            config=config_folder,
+            local_files_only=True,
+            torch_dtype=torch.float32,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **overrides,
+        )
+    except (*_LOAD_ERRORS, KeyError, RuntimeError) as err:
+        # KeyError / RuntimeError: keys or shapes that do not match the config's architecture.
+        raise ModelSourceError(
+            f"could not load single-file checkpoint {path} with the architecture of "
+            f"{config or DEFAULT_SD15_ID}: {_first_line(err)}"
+        ) from err
+    source = f"single_file:{file}" + (f"+vae:{vae}" if vae else "")
+    bundle = ModelBundle(
+        pipe.unet,
+        pipe.vae,
+        pipe.text_encoder,
+        pipe.tokenizer,
+        resolution=_resolution(pipe.unet, pipe.vae, resolution),
+        source=source,
+    )
+    return _own_memory(bundle.to("cpu"))
+
+
+def save_bundle(bundle: ModelBundle, folder: str | os.PathLike) -> Path:
+    """Writes a bundle as a diffusers ``StableDiffusionPipeline`` folder.
+
+    The folder has ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` (SD 1.5's
+    DDIM configuration) and ``model_index.json``, so both :func:`load_pretrained` and
+    ``StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)`` load it.
+
+    Args:
+        bundle: the models to save.
+        folder: target folder (created if missing).
+
+    Returns:
+        The folder's path.
+    """
+    pipe = StableDiffusionPipeline(
+        vae=bundle.vae,
+        text_encoder=bundle.text_encoder,
+        tokenizer=bundle.tokenizer,
+        unet=bundle.unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def load_local(path: str, vae: str | None = None, resolution: int | None = None) -> ModelBundle:
+    """A local diffusers folder (``model=local model.path=/my/sd15``); never contacts the Hub."""
+    if not Path(path).is_dir():
+        raise ModelSourceError(f"model.path={path!r} is not a folder: give a local diffusers "
+                               "folder (unet/, vae/, text_encoder/, tokenizer/)")
+    return load_pretrained(path, vae=vae, local_files_only=True, resolution=resolution)
