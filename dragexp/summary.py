@@ -18,7 +18,8 @@ log = logging.getLogger("dragexp")
 
 COLUMNS = ["setting", "method", "num_done", "num_failed", "mean_initial_distance_px",
            "mean_final_distance_px", "reached_fraction", "mean_num_steps", "seconds_lora",
-           "seconds_inversion", "seconds_optimisation", "seconds_denoising", "seconds_total"]
+           "seconds_inversion", "seconds_optimisation", "seconds_denoising", "seconds_total",
+           "job_dir"]
 
 
 def collect(root: str | Path) -> list[dict]:
@@ -38,8 +39,8 @@ def collect(root: str | Path) -> list[dict]:
 
 
 def _job_key(p: Path):
-    head = p.name.split("_")[0]
-    return (int(head), p.name) if head.isdigit() else (10**9, p.name)
+    digits = "".join(ch for ch in p.name if ch.isdigit())
+    return (int(digits), p.name) if digits else (10**9, p.name)
 
 
 def write_summary(root: str | Path, title: str | None = None) -> tuple[Path, Path] | None:
@@ -66,7 +67,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r["setting"].replace(" ", "\n") for r in rows]
+    labels = [_short(r["setting"]) for r in rows]
     x = range(len(rows))
     fig, axes = plt.subplots(1, 3, figsize=(max(9, 1.6 * len(rows) * 1.5), 4))
     axes[0].bar(x, [r.get("mean_initial_distance_px", 0) for r in rows], color="#bbb",
@@ -87,11 +88,18 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     axes[2].legend(fontsize=7)
     for ax in axes:
         ax.set_xticks(list(x))
-        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_xticklabels(labels, fontsize=7, rotation=30, ha="right")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _short(setting: str) -> str:
+    """``method.feature_idx=[2,3] method.lr=0.1`` -> ``feature_idx=[2,3]\nlr=0.1``."""
+    parts = [p.split("=", 1) for p in setting.split(" ")]
+    return "\n".join(f"{k.split('.')[-1]}={v}" if v is not None else k
+                     for k, v in ((p[0], p[1] if len(p) > 1 else None) for p in parts))
 
 
 class SweepSummary(Callback):

@@ -1,0 +1,381 @@
+"""DragDiffusion's identity-preserving LoRA fine-tuning as a LightningModule.
+
+METHODS.md, DragDiffusion step 1, and NOTES_dragdiffusion_dragnoise.md section 6 (the reference's
+``utils/lora_utils.py::train_lora``). One step, in this order:
+
+1. ``batch_size`` augmented views of the image (:func:`dragexp.augment.lora_views`), float16;
+2. ``x0 = vae.encode(views).latent_dist`` *sampled* (a fresh posterior sample every step)
+   ``* scaling_factor``;
+3. ``noise ~ N(0, I)``, ``t ~ U{0, ..., 999}`` per view;
+4. ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise`` (DDPM ``add_noise``, SD 1.5's ``scaled_linear``
+   alpha-bar);
+5. ``loss = mse(unet(x_t, t, prompt embedding).sample, noise)`` (epsilon target);
+6. backward and one AdamW step (betas 0.9/0.999, eps 1e-8, decoupled weight decay, constant lr)
+   over the LoRA weights only.
+
+Every random draw goes through a :class:`Draws` strategy: :class:`RandomDraws` for real runs,
+:class:`ReplayDraws` to feed recorded draws (the conformance cases inject all of them).
+
+The base UNet may be float16/bfloat16 on a GPU with Lightning's ``"16-mixed"``/``"bf16-mixed"``
+precision (autocast, and for fp16 a dynamic loss scaler that skips overflowing steps, as the
+reference's accelerate setup does); the LoRA weights are float32 throughout. On CPU everything is
+float32.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..augment import lora_views
+from ..lora import (LORA_WEIGHT_NAME, add_lora, has_lora, load_lora, lora_parameters,
+                    lora_state_dict, save_lora)
+from ..schedule import sd_alphas_cumprod
+
+__all__ = ["Draws", "RandomDraws", "ReplayDraws", "LoRAFineTune", "ddpm_add_noise",
+           "default_precision", "fit_lora", "train_lora"]
+
+
+# --------------------------------------------------------------------------------------------
+# Random draws
+# --------------------------------------------------------------------------------------------
+
+class Draws:
+    """Where a LoRA step's random numbers come from.
+
+    ``crop(high)`` gives one crop offset in ``[0, high)``; ``posterior(dist)`` one sample of the
+    VAE posterior (before the scaling factor); ``noise(shape)`` standard normal noise;
+    ``timesteps(batch)`` one training timestep per view (int64).
+    """
+
+    num_train_timesteps: int = 1000
+
+    def crop(self, high: int) -> int:
+        raise NotImplementedError
+
+    def posterior(self, dist: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def noise(self, shape: Sequence[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def timesteps(self, batch: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RandomDraws(Draws):
+    """Draws from one seeded CPU ``torch.Generator`` (device-independent, reproducible)."""
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def crop(self, high: int) -> int:
+        return int(torch.randint(0, high, (1,), generator=self.generator).item())
+
+    def posterior(self, dist: Any) -> torch.Tensor:
+        return dist.sample(generator=self.generator)
+
+    def noise(self, shape: Sequence[int]) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator)
+
+    def timesteps(self, batch: int) -> torch.Tensor:
+        return torch.randint(0, self.num_train_timesteps, (batch,), generator=self.generator)
+
+
+class ReplayDraws(Draws):
+    """Replays recorded draws, in order; a kind that was not given falls back to ``fallback``.
+
+    Args:
+        crops: flat sequence of crop offsets in call order (top, left, top, left, ...).
+        posterior_samples: ``[steps, B, C, h, w]`` posterior samples, one row per step.
+        noise: ``[steps, B, C, h, w]``.
+        timesteps: ``[steps, B]`` int64.
+        fallback: used for kinds without a recording (default: raise).
+
+    ``crop_highs`` records the upper bound of every crop draw, in call order.
+    """
+
+    def __init__(self, crops: Iterable[int] | None = None,
+                 posterior_samples: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                 fallback: Draws | None = None):
+        self.crops = None if crops is None else [int(c) for c in crops]
+        self.posterior_samples = posterior_samples
+        self.noise_samples = noise
+        self.timestep_samples = timesteps
+        self.fallback = fallback
+        self.counts = {"crop": 0, "posterior": 0, "noise": 0, "timesteps": 0}
+        self.crop_highs: list[int] = []
+
+    def _next(self, kind: str, recorded):
+        i = self.counts[kind]
+        if i >= len(recorded):
+            raise IndexError(f"ReplayDraws: no recorded {kind} draw left (used {i})")
+        self.counts[kind] = i + 1
+        return recorded[i]
+
+    def _missing(self, kind: str) -> Draws:
+        if self.fallback is None:
+            raise RuntimeError(f"ReplayDraws: a {kind} draw was requested but none was recorded")
+        return self.fallback
+
+    def crop(self, high: int) -> int:
+        self.crop_highs.append(int(high))
+        if self.crops is None:
+            return self._missing("crop").crop(high)
+        value = self._next("crop", self.crops)
+        if not 0 <= value < high:
+            raise ValueError(f"ReplayDraws: recorded crop offset {value} outside [0, {high})")
+        return value
+
+    def posterior(self, dist: Any) -> torch.Tensor:
+        if self.posterior_samples is None:
+            return self._missing("posterior").posterior(dist)
+        return self._next("posterior", self.posterior_samples)
+
+    def noise(self, shape: Sequence[int]) -> torch.Tensor:
+        if self.noise_samples is None:
+            return self._missing("noise").noise(shape)
+        out = self._next("noise", self.noise_samples)
+        if tuple(out.shape) != tuple(shape):
+            raise ValueError(f"ReplayDraws: recorded noise {tuple(out.shape)} != {tuple(shape)}")
+        return out
+
+    def timesteps(self, batch: int) -> torch.Tensor:
+        if self.timestep_samples is None:
+            return self._missing("timesteps").timesteps(batch)
+        out = self._next("timesteps", self.timestep_samples)
+        if out.numel() != batch:
+            raise ValueError(f"ReplayDraws: recorded {out.numel()} timesteps, batch is {batch}")
+        return out.long()
+
+
+# --------------------------------------------------------------------------------------------
+# Arithmetic
+# --------------------------------------------------------------------------------------------
+
+def ddpm_add_noise(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+                   t: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion ``sqrt(a_t) x0 + sqrt(1 - a_t) noise`` (DDPM, Ho et al. 2020, eq. 4).
+
+    Same operations as diffusers' ``DDPMScheduler.add_noise`` (alpha-bar cast to the sample's
+    dtype, then square roots), so results are bit-identical to it.
+    """
+    ac = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
+    t = t.to(x0.device)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    sqrt_a = (ac[t] ** 0.5).flatten().reshape(shape)
+    sqrt_1ma = ((1 - ac[t]) ** 0.5).flatten().reshape(shape)
+    return sqrt_a * x0 + sqrt_1ma * noise
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    dtype = getattr(module, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    for p in module.parameters():
+        return p.dtype
+    return torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# The LightningModule
+# --------------------------------------------------------------------------------------------
+
+class LoRAFineTune(L.LightningModule):
+    """Fine-tunes a LoRA on the UNet so that it reconstructs one image (DragDiffusion step 1).
+
+    The UNet gets a LoRA adapter (:func:`dragexp.lora.add_lora`) unless it already has one (e.g.
+    with an injected initial state). Only the LoRA weights are optimised, with manual
+    optimisation so that each step runs exactly: zero_grad, views, VAE posterior sample, noise,
+    timesteps, ``add_noise``, UNet, MSE, backward, AdamW step.
+
+    After every step ``last_step`` holds (detached) ``loss``, ``noisy_model_input``,
+    ``unet_timesteps`` and ``model_pred``; ``lora/loss`` is logged. When training ends,
+    ``final_lora_state`` holds the LoRA weights (peft naming, detached copies).
+
+    Args:
+        unet: diffusers ``UNet2DConditionModel`` (any dtype; the LoRA is float32).
+        vae: anything with ``encode(x).latent_dist`` (diffusers ``AutoencoderKL``).
+        text_embedding: ``(1, 77, D)`` prompt embedding, computed once without gradient.
+        image: uint8 ``(H, W, 3)`` RGB image.
+        scaling_factor: VAE latent scale (0.18215 for SD 1.5).
+        rank: LoRA rank, used only if the UNet has no adapter yet.
+        lr: AdamW learning rate (constant).
+        weight_decay: AdamW decoupled weight decay.
+        steps: number of training steps.
+        batch_size: views per step.
+        resolution: resize/crop size of the views (the model's resolution).
+        draws: source of random numbers; default :class:`RandomDraws` with seed 0.
+    """
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, text_embedding: torch.Tensor,
+                 image: np.ndarray, scaling_factor: float = 0.18215, rank: int = 16,
+                 lr: float = 5e-4, weight_decay: float = 1e-2, steps: int = 80,
+                 batch_size: int = 4, resolution: int = 512, draws: Draws | None = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.unet = unet
+        self.vae = vae
+        if not has_lora(unet):
+            add_lora(unet, rank=rank)
+        self.register_buffer("text_embedding", text_embedding.detach().clone(), persistent=False)
+        self.register_buffer("alphas_cumprod", sd_alphas_cumprod(), persistent=False)
+        self.image = np.ascontiguousarray(image)
+        self.scaling_factor = float(scaling_factor)
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.steps = int(steps)
+        self.batch_size = int(batch_size)
+        self.resolution = int(resolution)
+        self.draws = draws if draws is not None else RandomDraws(0)
+        self.last_step: dict[str, torch.Tensor] = {}
+        self.final_lora_state: dict[str, torch.Tensor] | None = None
+
+    # data --------------------------------------------------------------------------------
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(range(self.steps), batch_size=None)
+
+    # optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = lora_parameters(self.unet)
+        for p in params:
+            if p.dtype != torch.float32:
+                raise TypeError(f"LoRA weights must be float32, got {p.dtype}")
+        return torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.999), eps=1e-8,
+                                 weight_decay=self.weight_decay)
+
+    def encode_views(self) -> torch.Tensor:
+        """One step's model input: posterior sample of the augmented views times the scale."""
+        views = lora_views(self.image, self.batch_size, self.resolution, randint=self.draws.crop)
+        with torch.no_grad():
+            dist = self.vae.encode(views.to(self.device, _module_dtype(self.vae))).latent_dist
+            sample = self.draws.posterior(dist)
+        return sample.to(self.device, torch.float32) * self.scaling_factor
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        model_input = self.encode_views()
+        noise = self.draws.noise(model_input.shape).to(model_input)
+        t = self.draws.timesteps(model_input.shape[0]).to(self.device, torch.long)
+        noisy = ddpm_add_noise(self.alphas_cumprod, model_input, noise, t)
+        dtype = _module_dtype(self.unet)
+        emb = self.text_embedding.to(dtype).repeat(model_input.shape[0], 1, 1)
+        pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=emb).sample
+        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        self.manual_backward(loss)
+        opt.step()
+        self.last_step = {"loss": loss.detach(), "noisy_model_input": noisy.detach(),
+                          "unet_timesteps": t.detach(), "model_pred": pred.detach()}
+        self.log("lora/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False,
+                 batch_size=model_input.shape[0])
+        return loss.detach()
+
+    def on_train_end(self) -> None:
+        self.final_lora_state = self.lora_weights()
+
+    def lora_weights(self) -> dict[str, torch.Tensor]:
+        """The current LoRA weights, peft naming, detached copies."""
+        return {k: v.detach().clone() for k, v in lora_state_dict(self.unet).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Running it
+# --------------------------------------------------------------------------------------------
+
+def default_precision(unet: nn.Module) -> str:
+    """Lightning precision for a UNet of this dtype: mixed for half base weights, else fp32."""
+    dtype = _module_dtype(unet)
+    if dtype == torch.float16:
+        return "16-mixed"
+    if dtype == torch.bfloat16:
+        return "bf16-mixed"
+    return "32-true"
+
+
+def fit_lora(module: LoRAFineTune, *, callbacks: Sequence[L.Callback] = (), progress: bool = True,
+             trainer_kwargs: dict | None = None) -> L.Trainer:
+    """Fit ``module`` with a fresh Trainer; the UNet/VAE keep their device and train/eval mode.
+
+    Lightning moves the module to its device for the fit and to the CPU at teardown; both are
+    undone here so that a shared model bundle stays where it was.
+    """
+    kwargs = dict(max_steps=module.steps, max_epochs=1, logger=False,
+                  enable_checkpointing=False, enable_model_summary=False,
+                  enable_progress_bar=progress, accelerator="auto", devices=1,
+                  precision=default_precision(module.unet), num_sanity_val_steps=0)
+    kwargs.update(trainer_kwargs or {})
+    kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + list(callbacks)
+    places = [(m, _module_device(m), m.training) for m in (module.unet, module.vae)
+              if isinstance(m, nn.Module)]
+    trainer = L.Trainer(**kwargs)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            # The UNet/VAE stay in the mode they are in (SD's UNet and VAE have no active
+            # dropout, so the mode does not change the arithmetic); Lightning warns about that.
+            warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+            trainer.fit(module)
+    finally:
+        for m, device, training in places:
+            if device is not None:
+                m.to(device)
+            m.train(training)
+    return trainer
+
+
+def _module_device(module: nn.Module) -> torch.device | None:
+    for p in module.parameters():
+        return p.device
+    return None
+
+
+def train_lora(unet: nn.Module, vae: nn.Module, text_embedding: torch.Tensor, image: np.ndarray,
+               *, out_dir: str | os.PathLike, cache_key: str | None = None,
+               trainer_kwargs: dict | None = None, progress: bool = True, seed: int = 0,
+               callbacks: Sequence[L.Callback] = (), **hparams) -> Path:
+    """Train (or reuse) the identity-preserving LoRA for one image; the UNet keeps it active.
+
+    With a ``cache_key`` (see :func:`dragexp.lora.lora_cache_key`), a file
+    ``out_dir/<cache_key>/pytorch_lora_weights.safetensors`` from an earlier run with the same
+    image, prompt, model and settings is loaded instead of training. Otherwise a fresh adapter is
+    added (initialised from ``seed``), fitted by a fresh Trainer, and saved atomically there
+    (directly in ``out_dir`` without a key).
+
+    Args:
+        unet, vae, text_embedding, image: as in :class:`LoRAFineTune`.
+        out_dir: where LoRA files are kept.
+        cache_key: name of the LoRA's folder; enables reuse.
+        trainer_kwargs: extra/overriding ``lightning.Trainer`` arguments (e.g. ``precision``).
+        progress: show Lightning's progress bar.
+        seed: seeds the LoRA init and the default :class:`RandomDraws`.
+        callbacks: extra Lightning callbacks.
+        **hparams: :class:`LoRAFineTune` hyper-parameters (``rank``, ``lr``, ``weight_decay``,
+            ``steps``, ``batch_size``, ``resolution``, ``scaling_factor``, ``draws``).
+
+    Returns:
+        Path of the LoRA file.
+    """
+    folder = Path(out_dir) / cache_key if cache_key else Path(out_dir)
+    path = folder / LORA_WEIGHT_NAME
+    if cache_key and path.is_file():
+        load_lora(unet, path)
+        unet.requires_grad_(False)
+        return path
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        add_lora(unet, rank=hparams.pop("rank", 16))
+    hparams.setdefault("draws", RandomDraws(seed))
+    module = LoRAFineTune(unet, vae, text_embedding, image, **hparams)
+    fit_lora(module, callbacks=callbacks, progress=progress, trainer_kwargs=trainer_kwargs)
+    unet.requires_grad_(False)
+    return save_lora(unet, folder)

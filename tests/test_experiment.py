@@ -1,0 +1,101 @@
+"""End to end through scripts/train.py on the tiny model: outputs, W&B, ablations, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["model.resolution=64", "method.lora_steps=2", "method.lora_batch_size=1",
+         "method.n_pix_step=3", "method.inversion_strength=0.1", "progress=false"]
+FAST = QUICK + ["data.size=[64,64]", "data.n=1"]
+
+
+def train(tmp: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_SILENT="true", WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    cmd = [sys.executable, "scripts/train.py", f"{key}={tmp / 'run'}",
+           f"paths.lora_cache={tmp / 'lora'}", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_default_job_writes_results_and_wandb(tmp_path):
+    p = train(tmp_path, *FAST)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "run"
+    sample = next((run / "results").iterdir())
+    for f in ("dragged_image.png", "source_annotated.png", "comparison.png", "trajectory.json",
+              "result.json"):
+        assert (sample / f).is_file(), f
+    info = json.loads((sample / "result.json").read_text())
+    img = np.asarray(Image.open(sample / "dragged_image.png"))
+    assert img.shape[:2] == tuple(info["size"])
+    assert {"lora", "inversion", "optimisation", "denoising", "decode"} <= set(info["timings"])
+    assert info["lora_path"] and Path(info["lora_path"]).is_file()
+    traj = json.loads((sample / "trajectory.json").read_text())
+    assert len(traj["handles"]) >= 1 and len(traj["loss"]) == info["num_steps"]
+    assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run written"
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["num_done"] == 1 and summary["num_failed"] == 0
+
+    # Same command again: the sample is complete, so nothing is redone and the LoRA is reused.
+    before = (sample / "result.json").stat().st_mtime_ns
+    p2 = train(tmp_path, *FAST)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    assert (sample / "result.json").stat().st_mtime_ns == before
+
+
+def test_ablate_block_is_a_sweep_with_summary(tmp_path):
+    p = train(tmp_path, "experiment=ablate_block", "logger=none", *FAST,
+              "method.feature_idx=choice([2],[3])", multirun=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "run"
+    rows = list(csv.DictReader((run / "summary.csv").open()))
+    assert [r["setting"] for r in rows] == ["method.feature_idx=[2]", "method.feature_idx=[3]"]
+    assert all(r["num_done"] == "1" for r in rows)
+    assert (run / "summary.png").is_file()
+    assert len(list(run.glob("*/results/*/dragged_image.png"))) == 2
+
+
+def test_bad_sample_is_recorded_and_others_finish(tmp_path):
+    from dragexp.data import DragSample, write_sample_folder
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    good = DragSample("a_good", img, [(20, 20), (30, 20)], np.zeros((64, 64), np.uint8), "x")
+    write_sample_folder(good, tmp_path / "edits" / "a_good")
+    bad = tmp_path / "edits" / "b_bad"
+    write_sample_folder(DragSample("b_bad", img, [(20, 20), (30, 20)],
+                                   np.zeros((64, 64), np.uint8), "x"), bad)
+    (bad / "drag.yaml").write_text("points: [[20, 20], [30, 20], [5, 5]]\n")
+    p = train(tmp_path, *QUICK, "logger=none", "data=folder", f"data.root={tmp_path / 'edits'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    errors = json.loads((tmp_path / "run" / "errors.json").read_text())
+    assert [e["name"] for e in errors] == ["b_bad"] and "points" in errors[0]["error"]
+    assert (tmp_path / "run" / "results" / "a_good" / "dragged_image.png").is_file()
+
+
+def test_unknown_config_name_is_a_clear_error(tmp_path):
+    p = train(tmp_path, "method=does_not_exist")
+    assert p.returncode != 0 and "does_not_exist" in p.stderr
+
+
+def test_dragnoise_refuses_top_left_handle_by_default(tmp_path):
+    from dragexp.data import DragSample, write_sample_folder
+
+    img = np.full((64, 64, 3), 128, np.uint8)
+    write_sample_folder(DragSample("edge", img, [(2, 30), (20, 30)], np.zeros((64, 64), np.uint8),
+                                   "x"), tmp_path / "edits" / "edge")
+    p = train(tmp_path, *QUICK, "logger=none", "method=dragnoise", "data=folder",
+              f"data.root={tmp_path / 'edits'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    errors = json.loads((tmp_path / "run" / "errors.json").read_text())
+    assert "edge" in errors[0]["error"] and "tracker_border=clip" in errors[0]["error"]
