@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""``python scripts/summarize.py DIR``: summary.csv and summary.png for every run below DIR."""
+
+import sys
+
+from dragexp.summary import write_summary
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    out = write_summary(sys.argv[1])
+    if out is None:
+        sys.exit(f"no run_summary.json below {sys.argv[1]}")
+    print(*out, sep="\n")
