@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionController
-from .features import replace_output
+from .features import feature_module, replace_output
 from .schedule import DDIMSchedule, ddim_step
 
 
@@ -27,18 +27,21 @@ class NoisePredictor:
         guidance: CFG scale. With CFG the UNet sees ``[x, x]`` with ``[uncond..., cond...]``
             and eps = eps_u + g (eps_c - eps_u) (DragDiffusion's generated-image path).
         bottleneck: optional tensor substituted for the mid-block output (DragNoise's
-            propagation), used at schedule index ``i`` while ``bottleneck_until(i)`` holds.
+            propagation), used at schedule index ``i`` while ``bottleneck_until(i)`` holds;
+            ``bottleneck_feature`` says which feature map it replaces (0 = mid block).
     """
 
     def __init__(self, unet: nn.Module, cond: torch.Tensor, uncond: torch.Tensor | None = None,
                  guidance: float = 1.0, bottleneck: torch.Tensor | None = None,
-                 bottleneck_until: Callable[[int], bool] | None = None):
+                 bottleneck_until: Callable[[int], bool] | None = None,
+                 bottleneck_feature: int = 0):
         self.unet = unet
         self.cond = cond
         self.uncond = uncond
         self.guidance = float(guidance)
         self.bottleneck = bottleneck
         self.bottleneck_until = bottleneck_until or (lambda i: True)
+        self.bottleneck_module = feature_module(unet, bottleneck_feature)
         self.last_raw_eps: torch.Tensor | None = None
         self.last_injected = False
 
@@ -63,7 +66,7 @@ class NoisePredictor:
             x_in, text = x, self.cond.expand(b, -1, -1)
         h = self._bottleneck_for(i, x_in.shape[0])
         self.last_injected = h is not None
-        with replace_output(self.unet.mid_block, h):
+        with replace_output(self.bottleneck_module, h):
             eps = self.unet(x_in, t, encoder_hidden_states=text, return_dict=False)[0]
         self.last_raw_eps = eps
         if self.cfg:

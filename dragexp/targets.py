@@ -35,32 +35,39 @@ class LatentTarget:
 
 
 class BottleneckTarget:
-    """Optimise the UNet's mid-block output for the fixed z_t (DragNoise).
+    """Optimise a UNet feature map for the fixed z_t: the mid-block output by default (DragNoise).
 
     The encoder pass runs once (:class:`dragexp.unet_split.UNetDecoder`); every optimisation
-    step runs only the decoder. Feature index 0 (the mid-block output) is the bottleneck itself.
-    The latent is returned unchanged and the optimised bottleneck is propagated in denoising.
+    step runs only the decoder from the optimised feature on. ``feature`` follows dragexp's
+    index convention (0 = mid block, the bottleneck; k = output of ``up_blocks[k-1]``, an
+    ablation). The latent is returned unchanged and the optimised map is propagated in denoising.
     """
 
-    name = "bottleneck"
-
-    def __init__(self):
+    def __init__(self, feature: int = 0):
+        self.feature = int(feature)
+        self.name = "bottleneck" if self.feature == 0 else f"feature{self.feature}"
         self.decoder = None
 
     def initial(self, module) -> torch.Tensor:
         from .unet_split import UNetDecoder
 
-        self.decoder = UNetDecoder(module.unet, module.z_t, module.timestep, module.text_embedding)
+        early = [i for i in module.feature_idx if i < self.feature]
+        if early:
+            raise ValueError(f"supervising features {early} come before the optimised feature "
+                             f"{self.feature} and could not change; use method.feature_idx >= "
+                             f"{self.feature}")
+        self.decoder = UNetDecoder(module.unet, module.z_t, module.timestep, module.text_embedding,
+                                   start=self.feature)
         return self.decoder.bottleneck.detach().clone()
 
     def forward(self, module, param: torch.Tensor):
         from .features import FeatureTap
 
-        up = [i for i in module.feature_idx if i != 0]
-        with FeatureTap(module.unet, up) as tap:
+        later = [i for i in module.feature_idx if i != self.feature]
+        with FeatureTap(module.unet, later) as tap:
             eps = self.decoder(param)
-        got = dict(zip(up, tap.features)) if up else {}
-        return eps, [param if i == 0 else got[i] for i in module.feature_idx]
+        got = dict(zip(later, tap.features)) if later else {}
+        return eps, [param if i == self.feature else got[i] for i in module.feature_idx]
 
     def latent(self, module, param: torch.Tensor) -> torch.Tensor:
         return module.z_t

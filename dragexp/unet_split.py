@@ -14,16 +14,28 @@ from torch import nn
 
 
 class UNetDecoder:
-    """The up path of ``unet`` for a fixed (latent, t, text), as a function of the bottleneck.
+    """The up path of ``unet`` for a fixed (latent, t, text), as a function of one feature map.
+
+    Args:
+        start: the feature index where the decoder starts (dragexp's convention): 0 = the
+            mid-block output (DragNoise's bottleneck), k = the output of ``up_blocks[k-1]``.
 
     Attributes:
-        bottleneck: the mid-block output of the fixed input, (B, C, h/8, w/8).
+        bottleneck: the fixed input's feature map at ``start``, the decoder's input.
     """
 
     @torch.no_grad()
     def __init__(self, unet: nn.Module, latent: torch.Tensor, t: int | torch.Tensor,
-                 text: torch.Tensor):
+                 text: torch.Tensor, start: int = 0):
+        from .features import feature_module
+
         self.unet = unet
+        self.start = int(start)
+        n_up = len(unet.up_blocks)
+        if not 0 <= self.start < n_up:
+            raise ValueError(f"the optimised feature must be 0 (mid block) .. {n_up - 1} "
+                             f"(up_blocks[0..{n_up - 2}]); the last block's output has no decoder "
+                             f"after it, got {self.start}")
         rec: dict = {"res": []}
         hooks = [unet.conv_in.register_forward_hook(lambda m, i, o: rec["res"].append(o))]
         for blk in unet.down_blocks:
@@ -34,6 +46,9 @@ class UNetDecoder:
             rec["mid"] = output
 
         hooks.append(unet.mid_block.register_forward_hook(mid_hook, with_kwargs=True))
+        if self.start > 0:
+            hooks.append(feature_module(unet, self.start).register_forward_hook(
+                lambda m, i, o: rec.__setitem__("start", o)))
         try:
             unet(latent, t, encoder_hidden_states=text, return_dict=False)
         finally:
@@ -42,20 +57,22 @@ class UNetDecoder:
         self.res_samples = tuple(rec["res"])
         self.emb = rec["emb"]
         self.text = text
-        self.bottleneck = rec["mid"]
+        self.bottleneck = rec["mid"] if self.start == 0 else rec["start"]
         # The UNet forwards an explicit upsample size when the latent is not a multiple of
         # 2 ** num_upsamplers; mirror its rule so odd sizes decode to the right shape.
         factor = 2 ** unet.num_upsamplers
         self.forward_upsample_size = any(d % factor for d in latent.shape[-2:])
 
     def __call__(self, bottleneck: torch.Tensor) -> torch.Tensor:
-        """eps for the recorded input with ``bottleneck`` in place of the mid-block output."""
+        """eps for the recorded input with ``bottleneck`` in place of the start feature."""
         unet = self.unet
         sample = bottleneck
         res_all = self.res_samples
         for i, up in enumerate(unet.up_blocks):
             n = len(up.resnets)
             res, res_all = res_all[-n:], res_all[:-n]
+            if i < self.start:
+                continue
             size = res_all[-1].shape[2:] if (i < len(unet.up_blocks) - 1
                                              and self.forward_upsample_size) else None
             if getattr(up, "has_cross_attention", False):

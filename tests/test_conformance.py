@@ -34,6 +34,25 @@ def test_runner_runs_a_case_without_expected(tmp_path):
     assert (tmp_path / "out" / "held_out_like" / "produced.safetensors").is_file()
 
 
+def test_loop_variant_with_empty_mask_runs(tmp_path):
+    """Held-out cases vary the inputs; an empty mask (no mask term at all) must run too."""
+    require_shared(CONFORMANCE / "dragdiffusion_loop_real")
+    import shutil
+
+    from safetensors.torch import save_file
+
+    case = tmp_path / "empty_mask"
+    shutil.copytree(CONFORMANCE / "dragdiffusion_loop_real", case)
+    (case / "expected.safetensors").unlink()
+    inputs = load_file(str(case / "inputs.safetensors"))
+    inputs["mask"] = torch.zeros_like(inputs["mask"])
+    inputs["n_pix_step"] = torch.tensor(3)
+    save_file(inputs, str(case / "inputs.safetensors"))
+    assert main([str(case), "--out", str(tmp_path / "out")]) == 0
+    produced = load_file(str(tmp_path / "out" / "empty_mask" / "produced.safetensors"))
+    assert produced["loss_trajectory"].shape[0] == int(produced["num_steps"])
+
+
 def test_judge_rules():
     e = torch.tensor([1.0, 2.0, float("nan")])
     assert judge_key("x", torch.tensor([1.0005, 2.0, float("nan")]), e).ok

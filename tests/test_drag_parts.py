@@ -102,3 +102,20 @@ def test_decoder_only_equals_full_forward(tiny):
             with replace_output(unet.mid_block, h):
                 swapped = unet(x, 681, encoder_hidden_states=text).sample
             assert torch.allclose(dec(h), swapped, atol=1e-5)
+
+
+def test_decoder_from_a_later_feature(tiny):
+    from dragexp.features import feature_module
+
+    unet = tiny.unet
+    x, text = torch.randn(1, 4, 9, 7), tiny.encode_prompt("x")
+    with torch.no_grad():
+        dec = UNetDecoder(unet, x, 681, text, start=2)
+        assert torch.allclose(dec(dec.bottleneck), unet(x, 681, encoder_hidden_states=text).sample,
+                              atol=1e-5)
+        h = dec.bottleneck * 1.5
+        with replace_output(feature_module(unet, 2), h):
+            swapped = unet(x, 681, encoder_hidden_states=text).sample
+        assert torch.allclose(dec(h), swapped, atol=1e-5)
+    with pytest.raises(ValueError, match="optimised feature"):
+        UNetDecoder(unet, x, 681, text, start=4)

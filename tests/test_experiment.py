@@ -70,7 +70,9 @@ def test_bad_sample_is_recorded_and_others_finish(tmp_path):
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    good = DragSample("a_good", img, [(20, 20), (30, 20)], np.zeros((64, 64), np.uint8), "x")
+    # sides that are not multiples of 8: the VAE floors, the result is resized back
+    odd = rng.integers(0, 255, (67, 75, 3), dtype=np.uint8)
+    good = DragSample("a_good", odd, [(20, 20), (30, 20)], np.zeros((67, 75), np.uint8), "x")
     write_sample_folder(good, tmp_path / "edits" / "a_good")
     bad = tmp_path / "edits" / "b_bad"
     write_sample_folder(DragSample("b_bad", img, [(20, 20), (30, 20)],
@@ -80,7 +82,8 @@ def test_bad_sample_is_recorded_and_others_finish(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     errors = json.loads((tmp_path / "run" / "errors.json").read_text())
     assert [e["name"] for e in errors] == ["b_bad"] and "points" in errors[0]["error"]
-    assert (tmp_path / "run" / "results" / "a_good" / "dragged_image.png").is_file()
+    out = np.asarray(Image.open(tmp_path / "run" / "results" / "a_good" / "dragged_image.png"))
+    assert out.shape == (67, 75, 3)
 
 
 def test_unknown_config_name_is_a_clear_error(tmp_path):
@@ -99,3 +102,18 @@ def test_dragnoise_refuses_top_left_handle_by_default(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     errors = json.loads((tmp_path / "run" / "errors.json").read_text())
     assert "edge" in errors[0]["error"] and "tracker_border=clip" in errors[0]["error"]
+
+
+def test_dragnoise_clip_switch_and_optimised_feature_ablation(tmp_path):
+    from dragexp.data import DragSample, write_sample_folder
+
+    img = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    write_sample_folder(DragSample("edge", img, [(2, 30), (20, 30)], np.zeros((64, 64), np.uint8),
+                                   "x"), tmp_path / "edits" / "edge")
+    p = train(tmp_path, *QUICK, "logger=none", "experiment=ablate_optimised_feature",
+              "method.target=choice(bottleneck,feature1)", "method.tracker_border=clip",
+              "data=folder", f"data.root={tmp_path / 'edits'}", multirun=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "run" / "summary.csv").open()))
+    assert [r["setting"] for r in rows] == ["method.target=bottleneck", "method.target=feature1"]
+    assert all(r["num_done"] == "1" and r["method"] == "dragnoise" for r in rows)

@@ -48,9 +48,8 @@ def run_case(path: Path, out: Path | None, verbose: bool = False) -> bool | None
     ok = all(v.ok for v in verdicts)
     print(f"{'PASS' if ok else 'FAIL'} {path.name} ({case.kind}) "
           f"{sum(v.ok for v in verdicts)}/{len(verdicts)} keys [{dt:.1f}s]")
-    for v in verdicts:
-        if verbose or not v.ok:
-            print(f"    {'ok ' if v.ok else 'BAD'} {v.key}: {v.detail}")
+    for v in sorted(verdicts, key=lambda v: (v.ok, v.key)):
+        print(f"    {'ok ' if v.ok else 'BAD'} {v.key}: {v.detail}")
     return ok
 
 
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dragexp.conformance", description=__doc__)
     ap.add_argument("cases", nargs="+", type=Path, help="case folders")
     ap.add_argument("--out", type=Path, default=None, help="write DIR/<case>/produced.safetensors")
-    ap.add_argument("-v", "--verbose", action="store_true", help="print every key's deviation")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failures")
     args = ap.parse_args(argv)
     # The cases were recorded single-threaded; one thread is also fastest for these tiny models.
     torch.set_num_threads(1)

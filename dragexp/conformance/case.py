@@ -56,9 +56,8 @@ class Case:
         raise CaseError(f"{self.path}: parameter {name!r} is neither an input nor in case.json")
 
     def expected_keys(self) -> list[str]:
-        """Every key the case expects, patterns like ``lora_final.<key>`` expanded from the file."""
-        keys = list(self.meta.get("expected", {}).keys())
-        return keys
+        """The keys listed under ``expected`` in case.json (patterns left as written)."""
+        return list(self.meta.get("expected", {}).keys())
 
     def build_unet(self, filename: str = "unet.safetensors", config: dict | None = None):
         """The case's UNet by the README's one rule: from_config, float32, strict load.

@@ -76,7 +76,8 @@ class DenoiseSettings:
 def denoise(unet, latents: torch.Tensor, text: torch.Tensor, schedule: DDIMSchedule,
             start_index: int, settings: DenoiseSettings, uncond: torch.Tensor | None = None,
             guidance: float = 1.0, bottleneck: torch.Tensor | None = None,
-            on_step: Callable | None = None, predictor_hook: Callable | None = None) -> torch.Tensor:
+            on_step: Callable | None = None, predictor_hook: Callable | None = None,
+            bottleneck_feature: int = 0) -> torch.Tensor:
     """Denoise a batch ``[reference, edited, ...]`` from ``timesteps[start_index]`` to 0.
 
     With reference control on, the edited branch's self-attention in transformer blocks
@@ -85,7 +86,8 @@ def denoise(unet, latents: torch.Tensor, text: torch.Tensor, schedule: DDIMSched
     """
     n = schedule.num_inference_steps
     predictor = NoisePredictor(unet, text, uncond, guidance, bottleneck,
-                               bottleneck_until=lambda i: i < n - settings.end_step)
+                               bottleneck_until=lambda i: i < n - settings.end_step,
+                               bottleneck_feature=bottleneck_feature)
     eps_fn = predictor if predictor_hook is None else predictor_hook(predictor)
     ctx = nullcontext(None)
     controller = None
@@ -148,7 +150,8 @@ class LatentDragMethod:
         sup_scale: supervision grid as a fraction of the image size (0.5).
         r_m, r_p: motion patch radius and tracking radius (used by callbacks' defaults).
         lam, lr, n_pix_step: mask weight, Adam lr, maximum optimisation steps.
-        target: "latent" (DragDiffusion) or "bottleneck" (DragNoise).
+        target: "latent" (DragDiffusion), "bottleneck" (DragNoise: the mid-block output) or
+            "feature<k>" (optimise the output of ``up_blocks[k-1]`` instead, an ablation).
         tracker_border: "clip" or "reference" (DragNoise's crash near the top/left border,
             reported up front as a clear error naming the sample and point).
         mask_term: "if_masked" (DragDiffusion) or "always" (DragNoise).
@@ -173,8 +176,10 @@ class LatentDragMethod:
         self.sup_scale = float(sup_scale)
         self.r_m, self.r_p = int(r_m), int(r_p)
         self.lam, self.lr, self.n_pix_step = float(lam), float(lr), int(n_pix_step)
-        if target not in ("latent", "bottleneck"):
-            raise ValueError(f"method.target must be 'latent' or 'bottleneck', got {target!r}")
+        if not (target in ("latent", "bottleneck") or
+                (target.startswith("feature") and target[7:].isdigit())):
+            raise ValueError(f"method.target must be 'latent', 'bottleneck' or 'feature<k>' "
+                             f"(k = 0 mid block, 1..3 up_blocks outputs), got {target!r}")
         self.target_name = target
         self.tracker_border = tracker_border
         self.objective = DragObjective(self.r_m, self.lam, mask_term, reached)
@@ -188,7 +193,8 @@ class LatentDragMethod:
         if self.target_name == "latent":
             return LatentTarget()
         from ..targets import BottleneckTarget
-        return BottleneckTarget()
+        k = 0 if self.target_name == "bottleneck" else int(self.target_name[7:])
+        return BottleneckTarget(k)
 
     def n_actual(self) -> int:
         return self.schedule.num_edit_steps(self.inversion_strength)
@@ -237,7 +243,8 @@ class LatentDragMethod:
         edited, bottleneck = module.target.outcome(module)
         with timer("denoising"), autocast:
             out = denoise(models.unet, torch.cat([z_t, edited]), text, self.schedule, start,
-                          self.denoise_settings, bottleneck=bottleneck)
+                          self.denoise_settings, bottleneck=bottleneck,
+                          bottleneck_feature=getattr(module.target, "feature", 0))
         with timer("decode"):
             img = models.decode(out[1:2].to(models.vae.dtype)).float()
             img = F.interpolate(img, size=(H, W), mode="bilinear", align_corners=False)

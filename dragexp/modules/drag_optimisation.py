@@ -19,7 +19,6 @@ precision (FRAMEWORK.md, Lightning).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 from ..features import resize_concat
 from ..losses import mask_preservation_loss, motion_supervision_loss
 from ..schedule import DDIMSchedule, ddim_step
+from .fitting import fit
 
 
 @dataclass
@@ -194,20 +194,12 @@ class DragOptimisation(L.LightningModule):
 
 
 def fit_drag(module: DragOptimisation, callbacks: list, *, precision: str = "32-true",
-             accelerator: str = "auto", progress: bool = True) -> DragOptimisation:
-    """Fit a drag problem with a fresh Trainer (FRAMEWORK.md: a Trainer is not reusable).
+             accelerator: str = "auto", progress: bool = True):
+    """Fit a drag problem with a fresh Trainer (:func:`dragexp.modules.fitting.fit`).
 
-    Checkpointing, model summary and loggers are off: per-step curves reach the experiment's
-    logger through the trajectory callback, one W&B run per experiment rather than per image.
+    Loggers are off: per-step curves reach the experiment's W&B run through the trajectory
+    callback, one run per experiment rather than per image.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-        warnings.filterwarnings("ignore", ".*precision.*")
-        trainer = L.Trainer(max_steps=module.n_steps, max_epochs=1, logger=False,
-                            enable_checkpointing=False, enable_model_summary=False,
-                            enable_progress_bar=progress, num_sanity_val_steps=0,
-                            accelerator=accelerator, devices=1, precision=precision,
-                            callbacks=list(callbacks))
-        trainer.fit(module)
+    fit(module, max_steps=module.n_steps, callbacks=callbacks, progress=progress,
+        keep=(module.unet,), precision=precision, accelerator=accelerator)
     return module

@@ -25,7 +25,6 @@ float32.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -39,6 +38,7 @@ from ..augment import lora_views
 from ..lora import (LORA_WEIGHT_NAME, add_lora, has_lora, load_lora, lora_parameters,
                     lora_state_dict, save_lora)
 from ..schedule import sd_alphas_cumprod
+from .fitting import fit
 
 __all__ = ["Draws", "RandomDraws", "ReplayDraws", "LoRAFineTune", "ddpm_add_noise",
            "default_precision", "fit_lora", "train_lora"]
@@ -309,34 +309,10 @@ def fit_lora(module: LoRAFineTune, *, callbacks: Sequence[L.Callback] = (), prog
     Lightning moves the module to its device for the fit and to the CPU at teardown; both are
     undone here so that a shared model bundle stays where it was.
     """
-    kwargs = dict(max_steps=module.steps, max_epochs=1, logger=False,
-                  enable_checkpointing=False, enable_model_summary=False,
-                  enable_progress_bar=progress, accelerator="auto", devices=1,
-                  precision=default_precision(module.unet), num_sanity_val_steps=0)
+    kwargs = dict(precision=default_precision(module.unet))
     kwargs.update(trainer_kwargs or {})
-    kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + list(callbacks)
-    places = [(m, _module_device(m), m.training) for m in (module.unet, module.vae)
-              if isinstance(m, nn.Module)]
-    trainer = L.Trainer(**kwargs)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            # The UNet/VAE stay in the mode they are in (SD's UNet and VAE have no active
-            # dropout, so the mode does not change the arithmetic); Lightning warns about that.
-            warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
-            trainer.fit(module)
-    finally:
-        for m, device, training in places:
-            if device is not None:
-                m.to(device)
-            m.train(training)
-    return trainer
-
-
-def _module_device(module: nn.Module) -> torch.device | None:
-    for p in module.parameters():
-        return p.device
-    return None
+    return fit(module, max_steps=module.steps, callbacks=callbacks, progress=progress,
+               keep=(module.unet, module.vae), **kwargs)
 
 
 def train_lora(unet: nn.Module, vae: nn.Module, text_embedding: torch.Tensor, image: np.ndarray,
