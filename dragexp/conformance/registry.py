@@ -19,6 +19,9 @@ _ADAPTERS: dict[str, Adapter] = {}
 ADAPTER_MODULES = (
     "dragexp.conformance.dragdiffusion",
     "dragexp.conformance.lora",
+    "dragexp.conformance.easydrag",
+    "dragexp.conformance.dragondiffusion",
+    "dragexp.conformance.dragbench_eval",
 )
 
 

@@ -1,0 +1,1 @@
+"""DragBench evaluation: Mean Distance (DIFT), Image Fidelity (LPIPS), CLIP similarity."""
