@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 import traceback
 from pathlib import Path
@@ -75,7 +76,11 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     device = pick_device(cfg.trainer.get("device", "auto"))
     precision, dtype = resolve_precision(cfg.trainer.precision, device)
     method = instantiate(cfg.method)
-    data = instantiate(cfg.data)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    shard, num_shards = int(data_cfg.pop("shard", 0)), int(data_cfg.pop("num_shards", 1))
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"data.shard={shard} must be in 0..data.num_shards-1={num_shards - 1}")
+    data = instantiate(data_cfg)
     t0 = time.perf_counter()
     models = load_models(cfg.model, device, dtype)
     load_s = time.perf_counter() - t0
@@ -86,14 +91,14 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     wb = ExperimentLog(**dict(cfg.logger), config=resolved) if cfg.logger.get("enabled") else \
         ExperimentLog(enabled=False)
 
+    _remove_partial(results_dir)
     rows, errors = [], []
-    names = list(getattr(data, "names", []))
-    items = data.iter_checked() if hasattr(data, "iter_checked") else \
-        ((s.name, s, None) for s in data)
+    started = time.time()
+    indices = shard_indices(len(data), shard, num_shards)
     from tqdm.auto import tqdm
 
-    for index, (name, sample, error) in enumerate(tqdm(items, total=len(names) or None,
-                                                       desc="samples", disable=not cfg.progress)):
+    for index, name, sample, error in tqdm(iter_samples(data, indices), total=len(indices),
+                                           desc="samples", disable=not cfg.progress):
         if error is None and cfg.resume and is_done(results_dir, name):
             rows.append(json.loads((results_dir / name / "result.json").read_text()))
             continue
@@ -122,13 +127,41 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
         wb.log_error(index, name, msg)
 
     summary = summarise(rows, errors, method.name, models.source, load_s)
-    summary["overrides"] = _job_overrides()
+    summary.update(overrides=_job_overrides(), shard=shard, num_shards=num_shards,
+                   started=started, finished=time.time(),
+                   cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     write_json_atomic(out_dir / "errors.json", errors)
     write_json_atomic(out_dir / "run_summary.json", dict(summary, samples=rows))
     wb.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     log.info("done: %d edited, %d failed, results in %s", summary["num_done"],
              summary["num_failed"], results_dir)
     return summary
+
+
+def _remove_partial(results_dir: Path) -> None:
+    """Drop temporary sample folders a killed run left behind (complete ones were renamed)."""
+    import shutil
+
+    if results_dir.is_dir():
+        for tmp in results_dir.rglob(".*.*"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def shard_indices(n: int, shard: int = 0, num_shards: int = 1) -> list[int]:
+    """Sample indices of one shard: every ``num_shards``-th sample of the sorted list."""
+    return list(range(shard, n, num_shards))
+
+
+def iter_samples(data, indices: list[int]):
+    """(index, name, sample, error) for the chosen samples; loading errors are yielded, not raised."""
+    names = list(data.names) if hasattr(data, "names") else None
+    for i in indices:
+        try:
+            sample = data[i]
+            yield i, sample.name, sample, None
+        except SampleError as exc:
+            yield i, names[i] if names else f"#{i}", None, exc
 
 
 def _metrics(info: dict) -> dict:

@@ -6,7 +6,10 @@ Composes ``configs/train.yaml`` with Hydra and hands it to :func:`dragexp.experi
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra_plugins.dragexp_launcher.gpu_launcher import register
 from omegaconf import DictConfig
+
+register()  # hydra/launcher=gpus
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
