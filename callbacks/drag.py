@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from dragexp.losses import all_reached
-from dragexp.trackers import NearestFeatureTracker
+from dragexp.trackers import NearestFeatureTracker, handles_moved
 
 
 class DragCallback(L.Callback):
@@ -27,10 +27,12 @@ class DragCallback(L.Callback):
 
 
 class PointTracking(DragCallback):
-    """Move each handle to where its initial feature now is, from the second step on.
+    """Move each handle to where its initial feature now is, from ``start_step`` on.
 
-    The tracker strategy (default: DragDiffusion's L1 nearest neighbour in a 7x7 window) is
-    given by config; it sees this step's features, so tracking costs no extra forward.
+    The tracker strategy (default: DragDiffusion's L1 nearest neighbour in a 7x7 window, from
+    the second step; EasyDrag's :class:`dragexp.trackers.NextPointTracker` from step 0) is given
+    by config; it sees this step's features, so tracking costs no extra forward. Sets
+    ``state.moved`` when a handle changed.
     """
 
     drag_hook_order = 10
@@ -43,12 +45,17 @@ class PointTracking(DragCallback):
         if state.step < self.start_step:
             return
         with torch.no_grad():
-            state.handles = self.tracker(state.features_init, state.features.detach(),
-                                         state.handles_init, state.handles)
+            new = self.tracker(state.features_init, state.features.detach(),
+                               state.handles_init, state.handles, targets=state.targets)
+        state.moved = state.moved or handles_moved(state.handles, new)
+        state.handles = new
 
 
 class StopWhenReached(DragCallback):
-    """Stop before the loss once every handle is within ``threshold`` of its target (L2)."""
+    """Stop before the loss once every handle is within ``threshold`` of its target (L2).
+
+    DragDiffusion/DragNoise: 2.0 on the half-resolution grid; EasyDrag: 1.0 image pixel.
+    """
 
     drag_hook_order = 20
 

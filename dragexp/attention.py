@@ -6,7 +6,8 @@ One processor class, :class:`ControlledAttnProcessor`, does ordinary attention a
 * :class:`ReferenceControl` - DragDiffusion's reference-latent control (MasaCtrl's mutual
   self-attention, METHODS.md DragDiffusion step 4; NOTES section 3): within each group of the
   batch, every element's queries attend to the keys/values of the group's first element.
-  EasyDrag's reference attention is the same controller on a different set of layers.
+  EasyDrag's reference attention is the same controller on every decoder self-attention layer
+  with the reference *last* in the batch ``[edited, reference]`` (:func:`reference_attention`).
 
 The processor calls ``attn.to_q`` / ``to_k`` / ``to_v`` / ``to_out``, so LoRA adapters that
 peft placed inside those linear layers stay active.
@@ -18,6 +19,7 @@ numbers them (block n owns attention calls 2n and 2n+1).
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -100,15 +102,19 @@ class ReferenceControl(AttentionController):
         total_steps: control stays on while ``step < total_steps`` (MasaCtrl's ``total_steps``).
         groups: number of equal batch chunks, each ``[reference, edited, ...]``; 2 under
             classifier-free guidance (``[u_ref, u_edit, c_ref, c_edit]``), else 1.
+        ref_index: position of the reference inside each group (0 = first, DragDiffusion;
+            -1 = last, EasyDrag's ``[edited, reference]``). With a group of one element every
+            element is its own reference, i.e. ordinary attention.
     """
 
     def __init__(self, layers: list[str], start_step: int = 0, total_steps: int = 50,
-                 groups: int = 1) -> None:
+                 groups: int = 1, ref_index: int = 0) -> None:
         super().__init__()
         self.layers = set(layers)
         self.start_step = int(start_step)
         self.total_steps = int(total_steps)
         self.groups = int(groups)
+        self.ref_index = int(ref_index)
 
     def active(self, layer: str) -> bool:
         return layer in self.layers and self.start_step <= self.step < self.total_steps
@@ -120,7 +126,7 @@ class ReferenceControl(AttentionController):
         if b % self.groups:
             raise ValueError(f"batch {b} is not divisible into {self.groups} reference groups")
         per = b // self.groups
-        ref = torch.arange(b, device=key.device) // per * per
+        ref = torch.arange(b, device=key.device) // per * per + self.ref_index % per
         return key[ref], value[ref]
 
 
@@ -172,6 +178,44 @@ class ControlledAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+_SELF_ATTN_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _self_attention_modules(unet: nn.Module, regions) -> list[tuple[str, nn.Module]]:
+    by_regions = _SELF_ATTN_CACHE.setdefault(unet, {})
+    key = tuple(regions)
+    if key not in by_regions:
+        names = self_attention_layers(unet, 0, regions)
+        by_regions[key] = [(n, unet.get_submodule(n[:-len(".processor")])) for n in names]
+    return by_regions[key]
+
+
+@contextmanager
+def reference_attention(unet: nn.Module, regions=("up",)) -> Iterator[AttentionController | None]:
+    """EasyDrag's reference (mutual self-)attention as a context manager.
+
+    In a batch ``[edited, reference]`` the edited element's queries attend only to keys/values
+    computed from the reference element's (normed) hidden states in every self-attention layer
+    of ``regions`` (the decoder: ``up_blocks``); the reference runs ordinary self-attention, and
+    a batch of one is plain attention (NOTES_easydrag_dragondiffusion.md item 7). Only those
+    layers' processors are swapped (and restored on exit), which is cheap enough to do around
+    every forward. A module without attention layers (a synthetic stand-in model) gets a no-op.
+    """
+    if not hasattr(unet, "up_blocks"):
+        yield None
+        return
+    mods = _self_attention_modules(unet, regions)
+    controller = ReferenceControl([n for n, _ in mods], 0, 1 << 30, groups=1, ref_index=-1)
+    old = [m.processor for _, m in mods]
+    for name, m in mods:
+        m.set_processor(ControlledAttnProcessor(name, controller))
+    try:
+        yield controller
+    finally:
+        for (_, m), proc in zip(mods, old):
+            m.set_processor(proc)
 
 
 @contextmanager

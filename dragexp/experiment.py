@@ -114,6 +114,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
                 wb.log_sample(index, name, {
                     "edited": result.image,
                     "source_annotated": str(folder / "source_annotated.png"),
+                    **(result.extras or {}).get("images", {}),   # e.g. the auto-mask sequence
                 }, _metrics(info), result.trajectory_xy, result.losses)
                 continue
             except (SampleError, BorderError, ValueError) as exc:
@@ -131,6 +132,11 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
                    started=started, finished=time.time(),
                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     write_json_atomic(out_dir / "errors.json", errors)
+    if cfg.get("evaluate"):  # DragBench metrics of this run's results (dragexp.evaluation)
+        from .evaluation.runner import evaluate_run
+
+        summary.update(evaluate_run(cfg, out_dir, data, [data.names[i] for i in indices]
+                                    if hasattr(data, "names") else None, wandb_run=wb.run))
     write_json_atomic(out_dir / "run_summary.json", dict(summary, samples=rows))
     wb.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     log.info("done: %d edited, %d failed, results in %s", summary["num_done"],

@@ -93,6 +93,31 @@ def resize_concat(features: Sequence[torch.Tensor], size: tuple[int, int]) -> to
                       for f in features], dim=1)
 
 
+def concat_at_finest(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate maps on C after resizing the coarser ones bilinearly to the finest map's size.
+
+    EasyDrag's drag features (NOTES_easydrag_dragondiffusion.md item 6): the ``up_blocks[1]``
+    output resized to the ``up_blocks[2]`` output's size and concatenated with it. Maps already
+    at that size are used as they are.
+    """
+    size = max((tuple(f.shape[-2:]) for f in features), key=lambda hw: hw[0] * hw[1])
+    return torch.cat([f if tuple(f.shape[-2:]) == size else
+                      F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                      for f in features], dim=1)
+
+
+def concat_then_resize(features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """:func:`concat_at_finest`, then one bilinear resize (align_corners False) to ``size``.
+
+    EasyDrag upsamples the concatenated map x8 to image resolution, so its points stay in image
+    pixels; this is the ``compose_features`` strategy of its drag optimisation.
+    """
+    f = concat_at_finest(features)
+    if tuple(f.shape[-2:]) == tuple(size):
+        return f
+    return F.interpolate(f, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 def unet_eps_and_features(unet: nn.Module, latent: torch.Tensor, t: int | torch.Tensor,
                           encoder_hidden_states: torch.Tensor, indices: Sequence[int],
                           **unet_kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -60,6 +60,12 @@ def write_result(out: str | Path, sample, result, extra: dict | None = None) -> 
                     stopped_early=result.stopped_early, lora_path=result.lora_path,
                     timings=result.timings, final_distance_px=final_distance(result),
                     initial_distance_px=initial_distance(result), **(extra or {}))
+        images = (getattr(result, "extras", None) or {}).get("images", {})
+        if images:   # method/callback images, e.g. the auto-mask sequence: images/<name>.png
+            (tmp / "images").mkdir()
+            for key, img in images.items():
+                Image.fromarray(img).save(tmp / "images" / f"{key}.png")
+            info["images"] = sorted(f"images/{key}.png" for key in images)
         (tmp / RESULT_FILE).write_text(json.dumps(info, indent=1))
         if final.exists():
             shutil.rmtree(final)

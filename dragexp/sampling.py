@@ -1,8 +1,9 @@
 """Noise prediction and the shared DDIM sampling loop.
 
 :class:`NoisePredictor` turns the UNet into ``eps(x, t, i)`` with optional classifier-free
-guidance and an optional mid-block (bottleneck) substitution; :func:`ddim_sample` runs the
-denoising from any schedule index with an attention controller's step counter kept in sync.
+guidance and an optional mid-block (bottleneck) substitution; :class:`ReferenceGuidance` is
+EasyDrag's ``eps(x, t, i)`` with reference guidance; :func:`ddim_sample` runs the denoising from
+any schedule index with an attention controller's step counter kept in sync.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .attention import AttentionController
+from .attention import AttentionController, reference_attention
 from .features import feature_module, replace_output
 from .schedule import DDIMSchedule, ddim_step
 
@@ -73,6 +74,95 @@ class NoisePredictor:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + self.guidance * (eps_c - eps_u)
         return eps
+
+
+class ReferenceAttentionUNet:
+    """``model(x, t, text) -> eps``: the UNet, with EasyDrag's reference attention in batches.
+
+    In a batch ``[x, reference]`` the first element's decoder self-attention reads the second's
+    keys/values (:func:`dragexp.attention.reference_attention`); a batch of one is the plain UNet.
+    """
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+
+    def __call__(self, x: torch.Tensor, t: int, text: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return self.unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
+        with reference_attention(self.unet):
+            return self.unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
+
+
+class ReferenceGuidance:
+    """EasyDrag's noise prediction in the final denoising (METHODS.md EasyDrag, "Sampling").
+
+    With k = ``num_inference_steps - 1 - i`` the authors' loop index (k = 34 .. 0 for a 35-step
+    edit) and s the guidance scale:
+
+    * reference-guided steps (``enabled`` and k < ``ref_start_step``, the last 20 by default):
+      eps_c = model([x, ref_k], t, [cond, cond])[0] with reference attention, eps_u =
+      model(x, t, uncond) at batch 1, eps = eps_u + s (eps_c - eps_u);
+    * other steps: plain classifier-free guidance with two batch-1 calls.
+
+    With s = 1 only eps_c is computed. The reference latent ``ref_k`` is the inversion latent
+    ``inversion_latents[k + 1 - offset]`` (``inversion_latents[j]`` is at the j-th inversion
+    timestep, ``[0]`` the clean latent). ``offset=1`` is the authors' code: the reference is one
+    step *less* noisy than x, though fed with x's timestep (NOTES_easydrag_dragondiffusion.md
+    item 3); ``offset=0`` takes the inversion latent at x's own timestep.
+
+    When the negative prompt equals the prompt (EasyDrag's default ``neg_same_prompt``), the
+    unguided steps' CFG collapses exactly to eps_c, and the redundant batch-1 call is skipped.
+
+    Args:
+        model: ``model(x, t, text) -> eps`` (:class:`ReferenceAttentionUNet` for a UNet).
+        cond, uncond: prompt and negative-prompt embeddings (1, L, D).
+        guidance: s (4).
+        inversion_latents: every latent of the full inversion.
+        num_inference_steps: schedule length (50).
+        ref_start_step: reference guidance while k < this (20).
+        offset: 1 (faithful) or 0.
+        enabled: False gives plain CFG everywhere (the authors' ``reference_only=False``).
+    """
+
+    def __init__(self, model, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float,
+                 inversion_latents: list[torch.Tensor], num_inference_steps: int = 50,
+                 ref_start_step: int = 20, offset: int = 1, enabled: bool = True):
+        if offset not in (0, 1):
+            raise ValueError(f"reference offset must be 1 (authors' code) or 0, got {offset}")
+        self.model = model
+        self.cond = cond
+        self.uncond = cond if uncond is None else uncond
+        self.guidance = float(guidance)
+        self.latents = inversion_latents
+        self.n = int(num_inference_steps)
+        self.ref_start_step = int(ref_start_step)
+        self.offset = int(offset)
+        self.enabled = bool(enabled)
+        self.same_prompt = self.uncond is self.cond or (
+            self.uncond.shape == self.cond.shape and bool(torch.equal(self.uncond, self.cond)))
+        self.calls: list[tuple[int, int, bool]] = []     # (schedule index, t, reference-guided)
+
+    def loop_index(self, i: int) -> int:
+        return self.n - 1 - int(i)
+
+    def guided(self, i: int) -> bool:
+        return self.enabled and self.loop_index(i) < self.ref_start_step
+
+    def reference(self, i: int) -> torch.Tensor:
+        return self.latents[self.loop_index(i) + 1 - self.offset]
+
+    def __call__(self, x: torch.Tensor, t: int, i: int = 0) -> torch.Tensor:
+        guided = self.guided(i)
+        self.calls.append((int(i), int(t), guided))
+        if guided:
+            ref = self.reference(i).to(x)
+            eps_c = self.model(torch.cat([x, ref]), t, self.cond.expand(2, -1, -1))[:1]
+        else:
+            eps_c = self.model(x, t, self.cond)
+        if self.guidance == 1.0 or (not guided and self.same_prompt):
+            return eps_c
+        eps_u = self.model(x, t, self.uncond)
+        return eps_u + self.guidance * (eps_c - eps_u)
 
 
 @torch.no_grad()

@@ -38,6 +38,19 @@ def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.000
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def ldm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                       beta_end: float = 0.012) -> torch.Tensor:
+    """The same schedule as the ldm / ControlNet code computes it (EasyDrag's reference).
+
+    ldm's ``"linear"`` betas are the same square-root-linear ramp, but built in float64 with a
+    float64 cumulative product, stored as float32 (NOTES_easydrag_dragondiffusion.md item 2).
+    The two differ by up to about 1e-6 relative.
+    """
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps,
+                           dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+
+
 @dataclass(frozen=True)
 class DDIMSchedule:
     """A DDIM schedule with "leading" spacing and ``steps_offset`` (METHODS.md, shared conventions).
@@ -55,6 +68,11 @@ class DDIMSchedule:
     @classmethod
     def sd15(cls, num_inference_steps: int = 50) -> "DDIMSchedule":
         return cls(sd_alphas_cumprod(), num_inference_steps, 1)
+
+    @classmethod
+    def sd15_ldm(cls, num_inference_steps: int = 50) -> "DDIMSchedule":
+        """SD 1.5's DDIM with alpha-bar computed as the ldm code does (:func:`ldm_alphas_cumprod`)."""
+        return cls(ldm_alphas_cumprod(), num_inference_steps, 1)
 
     @property
     def num_train_timesteps(self) -> int:

@@ -19,7 +19,7 @@ log = logging.getLogger("dragexp")
 COLUMNS = ["setting", "method", "num_done", "num_failed", "mean_initial_distance_px",
            "mean_final_distance_px", "reached_fraction", "mean_num_steps", "seconds_lora",
            "seconds_inversion", "seconds_optimisation", "seconds_denoising", "seconds_total",
-           "job_dir"]
+           "eval_md", "eval_if", "eval_clip_sim", "eval_protocol", "job_dir"]
 
 
 def collect(root: str | Path) -> list[dict]:

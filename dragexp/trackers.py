@@ -1,13 +1,21 @@
 """Point tracking strategies: where did each handle move after an optimisation step?
 
-DragDiffusion's tracking (METHODS.md DragDiffusion step 3; NOTES section 2, step 2): for each
-handle, search the (2 r_p + 1)^2 window around its current position for the feature nearest in
-channel-summed L1 distance to F0 at the *initial* handle; row-major argmin, first minimum wins.
+Every tracker is called as ``tracker(F0, F1, handles_init, handles, targets=...)`` and returns
+the new handle positions (float32 (N, 2) row, col); it never modifies its inputs.
+
+* :class:`NearestFeatureTracker` - DragDiffusion's tracking (METHODS.md DragDiffusion step 3;
+  NOTES_dragdiffusion_dragnoise.md section 2, step 2): for each handle, search the
+  (2 r_p + 1)^2 window around its current position for the feature nearest in channel-summed L1
+  distance to F0 at the *initial* handle; row-major argmin, first minimum wins.
+* :class:`NextPointTracker` - EasyDrag (METHODS.md EasyDrag; NOTES_easydrag_dragondiffusion.md
+  items 10-11): each handle may jump to :func:`next_point` only if that strictly raises the
+  cosine similarity to F0 at the initial handle.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class BorderError(ValueError):
@@ -32,8 +40,11 @@ class NearestFeatureTracker:
         self.border = border
 
     def __call__(self, F0: torch.Tensor, F1: torch.Tensor, handles_init: torch.Tensor,
-                 handles: torch.Tensor) -> torch.Tensor:
-        """Return the new handle positions (float32 (N, 2) row, col); inputs are not modified."""
+                 handles: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the new handle positions (float32 (N, 2) row, col); inputs are not modified.
+
+        ``targets`` is accepted for the common tracker signature and not used.
+        """
         H, W = F1.shape[-2:]
         r = self.radius
         new = handles.clone()
@@ -52,4 +63,57 @@ class NearestFeatureTracker:
             row, col = divmod(int(dist.argmin()), dist.shape[-1])
             new[i, 0] = r1 + row
             new[i, 1] = c1 + col
+        return new
+
+
+def next_point(p: torch.Tensor, t: torch.Tensor, jump: float = 12.0, snap: float = 18.0
+               ) -> torch.Tensor:
+    """EasyDrag's next point for handle ``p`` towards target ``t`` ((row, col) float tensors).
+
+    With d the unit vector from p to t: ``round(p + jump * d)`` if ``|t - p| >= snap``, else t
+    itself (also when p == t, where d is NaN). ``torch.round`` rounds half to even, as the
+    authors' code does (NOTES_easydrag_dragondiffusion.md item 10).
+    """
+    diff = t - p
+    dist = diff.norm()
+    if dist >= snap:
+        return torch.round(p + diff / dist * jump)
+    return t.clone()
+
+
+def handles_moved(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """Whether a tracker moved any handle (EasyDrag's ``update_point`` flag)."""
+    return not torch.equal(before, after)
+
+
+class NextPointTracker:
+    """EasyDrag's tracking: accept :func:`next_point` only if it looks more like the handle.
+
+    For each handle p (initial p0, target t) with candidate q = ``next_point(p, t)``, the
+    handle moves to q iff cos(F0[p0], F1[q]) > cos(F0[p0], F1[p]) (strict: a tie, e.g. p == t,
+    keeps p). Features are indexed at ``int()`` of the coordinates; in EasyDrag they are the
+    image-resolution maps and the points image pixels.
+
+    Args:
+        jump: length of one jump along the handle-target direction (12 px).
+        snap: a handle closer than this to its target jumps straight onto it (18 px).
+    """
+
+    def __init__(self, jump: float = 12.0, snap: float = 18.0):
+        self.jump = float(jump)
+        self.snap = float(snap)
+
+    def __call__(self, F0: torch.Tensor, F1: torch.Tensor, handles_init: torch.Tensor,
+                 handles: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            raise ValueError("NextPointTracker needs the targets")
+        new = handles.clone()
+        for i in range(handles.shape[0]):
+            p0, p, t = handles_init[i], handles[i], targets[i]
+            q = next_point(p, t, self.jump, self.snap)
+            f0 = F0[:, :, int(p0[0]), int(p0[1])]
+            here = F.cosine_similarity(f0, F1[:, :, int(p[0]), int(p[1])], dim=1, eps=1e-8)
+            there = F.cosine_similarity(f0, F1[:, :, int(q[0]), int(q[1])], dim=1, eps=1e-8)
+            if bool(there > here):
+                new[i] = q
         return new

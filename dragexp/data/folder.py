@@ -15,7 +15,8 @@ Layout::
     mask: mask.png                  # optional file name (relative to the sample folder);
                                     # else mask.png if present; else no mask
     category: animals               # optional
-    # any other key goes into DragSample.extras
+    # any other key goes into DragSample.extras (a file name in the sample folder becomes
+    # its absolute path, e.g. image2: second.png)
 
 :func:`write_sample_folder` writes a :class:`DragSample` in this layout.
 """
@@ -137,7 +138,7 @@ class FolderSamples(SampleSource):
         if points is None:
             raise SampleError(f"sample {name!r}: points: missing in {drag_path}")
         prompt = cfg.get("prompt", "")
-        extras = {k: v for k, v in cfg.items() if k not in _KNOWN_KEYS}
+        extras = {k: _resolve_file(folder, v) for k, v in cfg.items() if k not in _KNOWN_KEYS}
         return validate_sample(DragSample(
             name=name, image=image, points=points, mask=mask,
             prompt="" if prompt is None else prompt, category=cfg.get("category", "") or "",
@@ -196,6 +197,14 @@ class FolderSamples(SampleSource):
 
     def __repr__(self) -> str:
         return f"FolderSamples(root={str(self.root)!r}, {len(self)} samples)"
+
+
+def _resolve_file(folder: Path, value: Any) -> Any:
+    """An extra value naming a file in the sample folder (e.g. a second image for
+    DragonDiffusion's appearance / paste tasks) becomes that file's absolute path."""
+    if isinstance(value, str) and value and (folder / value).is_file():
+        return str((folder / value).resolve())
+    return value
 
 
 def _plain(v: Any, name: str, key: str) -> Any:

@@ -200,8 +200,10 @@ class LatentDragMethod:
         return self.schedule.num_edit_steps(self.inversion_strength)
 
     def edit(self, sample: DragSample, models, callbacks: list, *, lora_dir: str | Path,
-             precision: str = "32-true", progress: bool = True) -> EditResult:
-        """Edit one sample; ``callbacks`` are the drag callbacks (tracking, stop, recorder)."""
+             precision: str = "32-true", progress: bool = True,
+             lora_callbacks: list | tuple = ()) -> EditResult:
+        """Edit one sample; ``callbacks`` are the drag callbacks (tracking, stop, recorder);
+        ``lora_callbacks`` extra Lightning callbacks of the LoRA fit (e.g. a progress display)."""
         timer = StageTimer()
         device = models.device
         H, W = sample.image.shape[:2]
@@ -213,6 +215,8 @@ class LatentDragMethod:
             from ..data.sample import SampleError
             raise SampleError(f"sample {sample.name!r}: points: {exc}") from exc
         self._check_border(sample, handles)
+        from ..callbacks.auto_mask import callback_images, check_callbacks
+        check_callbacks(callbacks, self.make_target())   # e.g. no auto mask on a bottleneck
         mask_sup = supervision_mask(sample.mask, sup_hw)
         autocast = _autocast(precision, device)
 
@@ -220,7 +224,8 @@ class LatentDragMethod:
         lora_path = None
         with timer("lora"):
             if self.lora["steps"] > 0:
-                lora_path = self._lora(sample, prompt, models, text, lora_dir, precision, progress)
+                lora_path = self._lora(sample, prompt, models, text, lora_dir, precision, progress,
+                                       lora_callbacks)
         image = torch.from_numpy(sample.image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
         with timer("encode"), torch.no_grad():
             latent0 = models.encode_image(image.to(device, models.vae.dtype)).float()
@@ -263,7 +268,8 @@ class LatentDragMethod:
             losses=list(recorder.losses) if recorder else [],
             distances=list(recorder.distances) if recorder else [],
             num_steps=module.num_steps, stopped_early=module.stopped_early,
-            timings=dict(timer.seconds), lora_path=str(lora_path) if lora_path else None)
+            timings=dict(timer.seconds), lora_path=str(lora_path) if lora_path else None,
+            extras={"images": callback_images(callbacks, (H, W))})
 
     def _check_border(self, sample, handles: torch.Tensor) -> None:
         """Refuse, before any work, handles the reference tracker cannot start from."""
@@ -278,14 +284,14 @@ class LatentDragMethod:
                     "where the authors' DragNoise code crashes; set method.tracker_border=clip "
                     "to clip the windows and continue")
 
-    def _lora(self, sample, prompt, models, text, lora_dir, precision, progress):
+    def _lora(self, sample, prompt, models, text, lora_dir, precision, progress, callbacks=()):
         from ..lora import lora_cache_key
         from ..modules.lora_finetune import train_lora
 
         settings = dict(self.lora, resolution=int(models.resolution), seed=self.seed)
         key = lora_cache_key(sample.image, prompt, models.source, settings)
         return train_lora(models.unet, models.vae, text, sample.image, out_dir=lora_dir,
-                          cache_key=key, progress=progress,
+                          cache_key=key, progress=progress, callbacks=list(callbacks),
                           trainer_kwargs=dict(precision=precision),
                           scaling_factor=models.scaling_factor, rank=self.lora["rank"],
                           lr=self.lora["lr"], steps=self.lora["steps"],

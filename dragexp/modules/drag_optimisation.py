@@ -1,17 +1,25 @@
-"""Per-image drag optimisation as a LightningModule (DragDiffusion, DragNoise).
+"""Per-image drag optimisation as a LightningModule (DragDiffusion, DragNoise, EasyDrag).
 
 One optimisation loop for every latent-optimising method. What differs between methods is a
-strategy object or a value: *what* is optimised (:mod:`dragexp.targets`: the latent z_t or the
-UNet bottleneck), which features supervise (``feature_idx``), the loss (:class:`DragObjective`),
-and - through callbacks - how points are tracked and when to stop.
+strategy object or a value: *what* is optimised and how the UNet runs on it
+(:mod:`dragexp.targets`: the latent z_t, the latent under EasyDrag's reference attention, or the
+UNet bottleneck), which features supervise (``feature_idx``) and how they are composed
+(``compose_features``: DragDiffusion resizes each to the half-resolution grid, EasyDrag
+concatenates and upsamples x8 to image pixels), the loss (:class:`DragObjective`,
+:class:`CosineDragObjective`), and - through callbacks - how points are tracked, when to stop,
+and whether the editable mask is drawn or computed (auto mask).
 
-Per step, the order is the authors' (NOTES_dragdiffusion_dragnoise.md section 2):
+Per step, the order is the authors' (NOTES_dragdiffusion_dragnoise.md section 2,
+NOTES_easydrag_dragondiffusion.md item 9):
 
 1. forward with gradient: features F1 and eps, then one DDIM step x_{t-1};
 2. the ``on_drag_features`` hook: callbacks act on *this* forward's features (point tracking,
-   stop rule, trajectory logging), reading and updating a :class:`DragState`;
+   stop rule, auto mask, trajectory logging), reading and updating a :class:`DragState`; a
+   callback may ask the state for the point loss and its gradient w.r.t. the optimised tensor
+   (a backward that keeps the graph), which the step then reuses;
 3. if a callback asked to stop, the step ends before any loss or optimiser step;
-4. the loss, backward, optimiser step, then ``on_drag_step_end``.
+4. the loss (the point terms, then the terms that use the mask), backward, optimiser step, then
+   ``on_drag_step_end``.
 
 The optimised tensor is the module's only trainable parameter and stays float32 under mixed
 precision (FRAMEWORK.md, Lightning).
@@ -27,7 +35,8 @@ import torch
 from torch import nn
 
 from ..features import resize_concat
-from ..losses import mask_preservation_loss, motion_supervision_loss
+from ..losses import (consistency_loss, cosine_point_loss, mask_preservation_loss,
+                      motion_supervision_loss)
 from ..schedule import DDIMSchedule, ddim_step
 from .fitting import fit
 
@@ -37,6 +46,11 @@ class DragState:
     """What one optimisation step knows; callbacks read and update it.
 
     Points are float32 (N, 2) (row, col) in the supervision grid.
+
+    ``mask`` is this step's editable mask (1, 1, h, w), 1 = may change, at any resolution (the
+    drawn mask on the supervision grid unless a callback, e.g. the auto mask, replaced it);
+    each objective resizes it to what it needs. ``moved`` tells whether tracking moved a handle
+    in this step.
     """
 
     step: int
@@ -50,6 +64,48 @@ class DragState:
     stop: bool = False
     loss: torch.Tensor | None = None
     loss_terms: dict[str, float] = field(default_factory=dict)
+    mask: torch.Tensor | None = None
+    moved: bool = False
+    module: Any = field(default=None, repr=False)
+    _point_terms: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def point_terms(self) -> dict[str, torch.Tensor]:
+        """The objective's point terms for the current handles, computed once per step.
+
+        Callbacks that ask for them (the auto mask) must run after every callback that moves
+        handles (``drag_hook_order`` above the tracker's); the step's loss reuses them.
+        """
+        if self._point_terms is None:
+            self._point_terms = _point_terms(self.module.objective, self)
+        return self._point_terms
+
+    def point_loss(self) -> torch.Tensor:
+        """Sum of :meth:`point_terms` (EasyDrag's sum of L_gen; DragDiffusion's motion term)."""
+        terms = list(self.point_terms().values())
+        return sum(terms[1:], terms[0]) if terms else self.features.new_zeros(())
+
+    def gradient(self, loss: torch.Tensor) -> torch.Tensor:
+        """d loss / d (optimised tensor), keeping the graph for the step's own backward.
+
+        Under a loss-scaling precision (fp16 mixed) the loss is scaled for the backward and the
+        gradient unscaled, so small gradients do not underflow. A loss without a graph (no term
+        left) has a zero gradient.
+        """
+        param = self.module.param
+        if not loss.requires_grad:
+            return torch.zeros_like(param)
+        trainer = getattr(self.module, "_trainer", None)
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        (grad,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, param,
+                                      retain_graph=True)
+        return grad / scale if scale != 1.0 else grad
+
+
+def _point_terms(objective, state: DragState) -> dict[str, torch.Tensor]:
+    if hasattr(objective, "point_terms"):
+        return objective.point_terms(state)
+    return {}
 
 
 class DragObjective:
@@ -73,13 +129,59 @@ class DragObjective:
         self.mask_term = mask_term
         self.reached = float(reached)
 
+    def point_terms(self, state: DragState) -> dict[str, torch.Tensor]:
+        return {"motion": motion_supervision_loss(state.features, state.handles, state.targets,
+                                                  self.motion_radius, self.reached)}
+
+    def other_terms(self, state: DragState, x_prev_init: torch.Tensor,
+                    mask_latent: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.mask_term == "always" or bool(mask_latent.sum() != 0):
+            return {"mask": mask_preservation_loss(state.x_prev, x_prev_init, mask_latent,
+                                                   self.lam)}
+        return {}
+
     def __call__(self, state: DragState, x_prev_init: torch.Tensor, mask_latent: torch.Tensor
                  ) -> dict[str, torch.Tensor]:
-        terms = {"motion": motion_supervision_loss(state.features, state.handles, state.targets,
-                                                   self.motion_radius, self.reached)}
-        if self.mask_term == "always" or bool(mask_latent.sum() != 0):
-            terms["mask"] = mask_preservation_loss(state.x_prev, x_prev_init, mask_latent, self.lam)
-        return terms
+        return {**self.point_terms(state), **self.other_terms(state, x_prev_init, mask_latent)}
+
+
+class CosineDragObjective:
+    """EasyDrag's losses (METHODS.md EasyDrag; NOTES_easydrag_dragondiffusion.md items 12-14).
+
+    Point term: :func:`dragexp.losses.cosine_point_loss` (1 / (1 + S) per handle towards its
+    next point, ``on_target_weight`` / (1 + S) once on the target). Consistency term:
+    :func:`dragexp.losses.consistency_loss` over the pixels outside ``state.mask`` (the drawn
+    mask, or the auto mask when that callback is active).
+
+    Args:
+        radius: motion patch radius r_m (0: single pixels, the authors' setting).
+        jump, snap: :func:`dragexp.trackers.next_point` parameters (12 px, 18 px).
+        on_target_weight: weight of a handle's term once it sits on its target (0.1).
+        share_weight: weight of the consistency term (0.1).
+    """
+
+    def __init__(self, radius: int = 0, jump: float = 12.0, snap: float = 18.0,
+                 on_target_weight: float = 0.1, share_weight: float = 0.1):
+        self.radius = int(radius)
+        self.jump, self.snap = float(jump), float(snap)
+        self.on_target_weight = float(on_target_weight)
+        self.share_weight = float(share_weight)
+
+    def point_terms(self, state: DragState) -> dict[str, torch.Tensor]:
+        return {"point": cosine_point_loss(state.features_init, state.features,
+                                           state.handles_init, state.handles, state.targets,
+                                           self.radius, self.jump, self.snap,
+                                           self.on_target_weight)}
+
+    def other_terms(self, state: DragState, x_prev_init: torch.Tensor,
+                    mask_latent: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = state.mask if state.mask is not None else mask_latent
+        share = consistency_loss(state.features_init, state.features, mask, self.share_weight)
+        return {} if share is None else {"consistency": share}
+
+    def __call__(self, state: DragState, x_prev_init: torch.Tensor, mask_latent: torch.Tensor
+                 ) -> dict[str, torch.Tensor]:
+        return {**self.point_terms(state), **self.other_terms(state, x_prev_init, mask_latent)}
 
 
 class DragOptimisation(L.LightningModule):
@@ -97,12 +199,16 @@ class DragOptimisation(L.LightningModule):
         feature_idx: UNet feature indices (0 = mid, 1..4 = up_blocks) to supervise with.
         objective: the loss strategy.
         lr: Adam learning rate; n_steps: at most this many optimiser steps.
+        compose_features: ``f(native feature maps, supervision size)`` -> supervision features;
+            :func:`dragexp.features.resize_concat` (DragDiffusion) by default,
+            :func:`dragexp.features.concat_then_resize` for EasyDrag.
     """
 
     def __init__(self, unet: nn.Module, target, latent: torch.Tensor, timestep: int,
                  text_embedding: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
                  mask: torch.Tensor, schedule: DDIMSchedule, feature_idx=(3,),
-                 objective: DragObjective | None = None, lr: float = 0.01, n_steps: int = 80):
+                 objective: DragObjective | None = None, lr: float = 0.01, n_steps: int = 80,
+                 compose_features=None):
         super().__init__()
         self.automatic_optimization = False
         self.unet = unet
@@ -113,6 +219,7 @@ class DragOptimisation(L.LightningModule):
         self.schedule = schedule
         self.feature_idx = [int(i) for i in feature_idx]
         self.objective = objective or DragObjective()
+        self.compose_features = compose_features or resize_concat
         self.lr = float(lr)
         self.n_steps = int(n_steps)
         self.sup_size = tuple(mask.shape[-2:])
@@ -131,10 +238,18 @@ class DragOptimisation(L.LightningModule):
         self.eps_init: torch.Tensor | None = None
 
     # -- the forward pass -----------------------------------------------------------------
-    def drag_forward(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(eps, supervision features, x_{t-1}) for the current value of the optimised tensor."""
-        eps, feats = self.target.forward(self, param)
-        features = resize_concat(feats, self.sup_size)
+    def drag_forward(self, param: torch.Tensor, initial: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(eps, supervision features, x_{t-1}) for the current value of the optimised tensor.
+
+        ``initial`` asks for the reference forward of F0, which a target may run differently
+        (EasyDrag: batch 1, no reference attention).
+        """
+        if initial and hasattr(self.target, "initial_forward"):
+            eps, feats = self.target.initial_forward(self, param)
+        else:
+            eps, feats = self.target.forward(self, param)
+        features = self.compose_features(feats, self.sup_size)
         x_prev = ddim_step(eps, self.timestep, self.target.latent(self, param), self.schedule)
         return eps, features, x_prev
 
@@ -144,7 +259,8 @@ class DragOptimisation(L.LightningModule):
 
     def on_train_start(self) -> None:
         with torch.no_grad(), self._precision_context():
-            self.eps_init, self.features_init, self.x_prev_init = self.drag_forward(self.param)
+            self.eps_init, self.features_init, self.x_prev_init = self.drag_forward(self.param,
+                                                                                    initial=True)
         self.features_init = self.features_init.float()
         self.x_prev_init = self.x_prev_init.float()
 
@@ -164,7 +280,8 @@ class DragOptimisation(L.LightningModule):
         eps, features, x_prev = self.drag_forward(self.param)
         state = DragState(step=step, features=features, features_init=self.features_init,
                           handles=self.handles.clone(), handles_init=self.handles_init,
-                          targets=self.targets, eps=eps, x_prev=x_prev)
+                          targets=self.targets, eps=eps, x_prev=x_prev, mask=self.mask,
+                          module=self)
         callbacks = self._drag_callbacks()
         for cb in callbacks:
             cb.on_drag_features(self.trainer, self, state)
@@ -173,7 +290,7 @@ class DragOptimisation(L.LightningModule):
             self.stopped_early = True
             self.trainer.should_stop = True
             return None
-        terms = self.objective(state, self.x_prev_init, self.mask_latent)
+        terms = self._loss_terms(state)
         loss = sum(terms.values())
         state.loss = loss.detach()
         state.loss_terms = {k: float(v.detach()) for k, v in terms.items()}
@@ -186,6 +303,20 @@ class DragOptimisation(L.LightningModule):
             if hasattr(cb, "on_drag_step_end"):
                 cb.on_drag_step_end(self.trainer, self, state)
         return loss.detach()
+
+    def _loss_terms(self, state: DragState) -> dict[str, torch.Tensor]:
+        """Point terms (reused if a callback already asked for them), then the masked terms."""
+        if state.mask is None or state.mask is self.mask:
+            mask_latent = self.mask_latent
+        else:
+            mask_latent = nn.functional.interpolate(state.mask.to(self.mask_latent),
+                                                    size=self.mask_latent.shape[-2:],
+                                                    mode="nearest")
+        if not hasattr(self.objective, "other_terms"):   # a plain callable objective
+            return self.objective(state, self.x_prev_init, mask_latent)
+        terms = dict(state.point_terms())
+        terms.update(self.objective.other_terms(state, self.x_prev_init, mask_latent))
+        return terms
 
     @property
     def result(self) -> torch.Tensor:

@@ -1,0 +1,295 @@
+"""EasyDrag (Hou et al., CVPR 2024) on the shared parts, as the authors' code runs it.
+
+Pipeline (METHODS.md EasyDrag; NOTES_easydrag_dragondiffusion.md items 1-16):
+
+    resize to the working size -> encode (VAE posterior *sampled*) -> DDIM inversion, all 50
+    steps, every latent kept -> drag optimisation of z_t at t = 681 (the shared
+    :class:`~dragexp.modules.drag_optimisation.DragOptimisation` with EasyDrag's strategies)
+    -> 35-step denoising with reference guidance -> decode -> resize to the source size
+
+What EasyDrag changes in the shared loop is strategies and values only:
+
+* target :class:`~dragexp.targets.ReferenceLatentTarget` (batch ``[z_t, frozen z_t]`` with
+  reference attention in the decoder self-attention; F0 at batch 1 without it);
+* features ``feature_idx = [2, 3]`` (``up_blocks[1]`` and ``up_blocks[2]`` outputs) composed by
+  :func:`~dragexp.features.concat_then_resize` to image resolution, so points are image pixels;
+* loss :class:`~dragexp.modules.drag_optimisation.CosineDragObjective`;
+* callbacks (``configs/callbacks/easydrag.yaml``): :class:`~dragexp.trackers.NextPointTracker`
+  tracking from step 0, the stop rule at < 1 px, :class:`~dragexp.callbacks.AutoMask`.
+
+Each stage is a function so that the conformance adapters call what the method calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..callbacks.auto_mask import callback_images, check_callbacks
+from ..features import concat_then_resize
+from ..inversion import ddim_invert
+from ..modules.drag_optimisation import CosineDragObjective, DragOptimisation, fit_drag
+from ..points import binarize_mask, clicks_to_grid
+from ..sampling import NoisePredictor, ReferenceAttentionUNet, ReferenceGuidance, ddim_sample
+from ..schedule import DDIMSchedule
+from ..targets import ReferenceLatentTarget
+from .latent_drag import EditResult, StageTimer, _autocast
+
+if TYPE_CHECKING:
+    from ..data.sample import DragSample
+
+DEFAULT_A_PROMPT = "best quality, extremely detailed"
+DEFAULT_N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, "
+                    "fewer digits, cropped, worst quality, low quality")
+
+
+# -- stages as functions ---------------------------------------------------------------------
+
+def working_size(image_hw: tuple[int, int], resolution: int = 512) -> tuple[int, int]:
+    """The authors' ``resize_image(img, 512)`` size: long side ~ ``resolution``, sides x 64.
+
+    Both sides are scaled by resolution / max(H, W) and rounded (half to even) to a multiple of
+    64; a side never drops below 64.
+    """
+    H, W = float(image_hw[0]), float(image_hw[1])
+    k = float(resolution) / max(H, W)
+    return (max(64, int(np.round(H * k / 64.0)) * 64), max(64, int(np.round(W * k / 64.0)) * 64))
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (H, W, 3) -> ``size`` (h, w): Lanczos when enlarging, area (box) when shrinking.
+
+    The authors use OpenCV's Lanczos-4 / area filters; Pillow's Lanczos (3 lobes) and box
+    filters are the closest without OpenCV.
+    """
+    h, w = int(size[0]), int(size[1])
+    if image.shape[:2] == (h, w):
+        return image
+    grow = h * w > image.shape[0] * image.shape[1]
+    filt = Image.Resampling.LANCZOS if grow else Image.Resampling.BOX
+    return np.asarray(Image.fromarray(image).resize((w, h), filt))
+
+
+def drag_points(points_xy, image_hw: tuple[int, int], work_hw: tuple[int, int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clicks (x, y) on the source -> handles, targets (row, col) in working-image pixels.
+
+    EasyDrag supervises at image resolution (``feat_scale`` 8 on the latent), so the (row, col)
+    are round(y / H * h, x / W * w) of the working image of size (h, w). A click on the last
+    row/column of the source can round to h or w; it is clamped onto the image (the authors'
+    indexing would fail there).
+    """
+    handles, targets = clicks_to_grid(points_xy, image_hw, work_hw)
+    hi = torch.tensor([work_hw[0] - 1, work_hw[1] - 1], dtype=torch.float32)
+    return torch.minimum(handles.clamp(min=0), hi), torch.minimum(targets.clamp(min=0), hi)
+
+
+def user_mask(mask, work_hw: tuple[int, int]) -> torch.Tensor:
+    """The drawn mask (H, W), nearest-resized to the working size, (1, 1, h, w), > 0 -> 1.
+
+    A blank mask stays all zeros, so the consistency term covers the whole image: the authors'
+    ``inference()`` tests ``mask.sum == 0.0`` (a method, never equal to 0) and never inverts it
+    (NOTES_easydrag_dragondiffusion.md item 15).
+    """
+    m = torch.as_tensor(np.asarray(mask) if not torch.is_tensor(mask) else mask).float()
+    m = m.reshape(1, 1, *m.shape[-2:])
+    if tuple(m.shape[-2:]) != tuple(work_hw):
+        m = F.interpolate(m, size=tuple(work_hw), mode="nearest")
+    return binarize_mask(m)
+
+
+def invert_all(eps_fn, latent0: torch.Tensor, schedule: DDIMSchedule) -> list[torch.Tensor]:
+    """DDIM inversion through the whole schedule keeping every latent (51 for 50 steps).
+
+    ``latents[k]`` is at the k-th inversion timestep (``[0]`` = the clean latent); the drag
+    works on ``latents[n_actual]`` (NOTES item 1). ``eps_fn(x, t, i)``: the prompt, guidance 1.
+    """
+    return ddim_invert(eps_fn, latent0, schedule, schedule.num_inference_steps)
+
+
+def drag_module(unet, z_t: torch.Tensor, timestep: int, cond: torch.Tensor,
+                handles: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                schedule: DDIMSchedule, feature_idx, objective: CosineDragObjective,
+                lr: float, n_steps: int, reference: bool = True,
+                forward_fn=None) -> DragOptimisation:
+    """The shared drag optimisation with EasyDrag's target, feature composition and loss.
+
+    ``mask`` (1, 1, h, w) at image resolution is the drawn mask (the supervision grid is the
+    image); the auto-mask callback replaces it from step 0 when active.
+    """
+    return DragOptimisation(unet, ReferenceLatentTarget(reference, forward_fn), z_t, timestep,
+                            cond, handles, targets, mask, schedule, feature_idx, objective, lr,
+                            n_steps, compose_features=concat_then_resize)
+
+
+def sample_with_reference(model, latent: torch.Tensor, cond: torch.Tensor,
+                          uncond: torch.Tensor | None, schedule: DDIMSchedule, start_index: int,
+                          inversion_latents: list[torch.Tensor], guidance: float,
+                          ref_start_step: int, offset: int = 1, enabled: bool = True,
+                          on_step=None) -> torch.Tensor:
+    """Denoise the dragged latent from ``timesteps[start_index]`` with reference guidance."""
+    predictor = ReferenceGuidance(model, cond, uncond, guidance, inversion_latents,
+                                  schedule.num_inference_steps, ref_start_step, offset, enabled)
+    return ddim_sample(predictor, latent, schedule, start_index, on_step=on_step)
+
+
+# -- the method ------------------------------------------------------------------------------
+
+@dataclass
+class _Prompts:
+    cond: torch.Tensor
+    uncond: torch.Tensor
+
+
+class EasyDragMethod:
+    """EasyDrag on one :class:`DragSample`; arguments are plain values for Hydra.
+
+    Args:
+        name: method name written with results.
+        resolution: long side of the working image (None: the model's resolution, 512 for
+            SD 1.5); sides are rounded to multiples of 64.
+        n_inference_step: DDIM schedule length (50).
+        n_actual_inference_step: steps inverted/denoised; the drag is at
+            ``timesteps[50 - n]`` (681 for 35).
+        feature_idx: UNet features (dragexp index: 0 = mid, k = ``up_blocks[k-1]``); [2, 3] =
+            EasyDrag's ``up_blocks[1]`` and ``up_blocks[2]`` outputs.
+        lr, n_pix_step: Adam lr and the maximum number of optimisation steps.
+        r_m, jump, snap, on_target_weight, share_weight: the loss values
+            (:class:`CosineDragObjective`); ``jump``/``snap`` also configure the tracker.
+        reached: the stop distance in image pixels (1.0); the stop callback reads it from here.
+        objective: a loss strategy object replacing the one built from those values.
+        training_reference: batch-2 reference attention during the drag.
+        reference_only: reference guidance during sampling; guidance_scale: its w (also CFG).
+        ref_start_step: reference guidance for the last ``ref_start_step`` denoising steps.
+        reference_offset: 1 = the authors' one-step-less-noisy reference latent; 0 = aligned.
+        neg_same_prompt: negative prompt := prompt (the authors' default); otherwise the prompt
+            gets ", " + ``a_prompt`` and ``n_prompt`` is the negative prompt.
+        schedule: "ldm" (alpha-bar as the authors' ldm code computes it) or "diffusers".
+        prompt_override: use this prompt instead of the sample's.
+        seed: seeds the VAE posterior sample.
+    """
+
+    def __init__(self, name: str = "easydrag", resolution: int | None = None,
+                 n_inference_step: int = 50, n_actual_inference_step: int = 35,
+                 feature_idx=(2, 3), lr: float = 0.01, n_pix_step: int = 50, r_m: int = 0,
+                 jump: float = 12.0, snap: float = 18.0, on_target_weight: float = 0.1,
+                 share_weight: float = 0.1, reached: float = 1.0, objective=None,
+                 training_reference: bool = True,
+                 reference_only: bool = True, guidance_scale: float = 4.0,
+                 ref_start_step: int = 20, reference_offset: int = 1,
+                 neg_same_prompt: bool = True, a_prompt: str = DEFAULT_A_PROMPT,
+                 n_prompt: str = DEFAULT_N_PROMPT, schedule: str = "ldm",
+                 prompt_override: str | None = None, seed: int = 0):
+        self.name = name
+        self.resolution = None if resolution is None else int(resolution)
+        if schedule not in ("ldm", "diffusers"):
+            raise ValueError(f"method.schedule must be 'ldm' or 'diffusers', got {schedule!r}")
+        n = int(n_inference_step)
+        self.schedule = DDIMSchedule.sd15_ldm(n) if schedule == "ldm" else DDIMSchedule.sd15(n)
+        self.n_actual = int(n_actual_inference_step)
+        self.schedule.edit_index(self.n_actual)          # validates the range early
+        self.feature_idx = ([int(feature_idx)] if isinstance(feature_idx, (int, str))
+                            else [int(i) for i in feature_idx])
+        self.lr, self.n_pix_step = float(lr), int(n_pix_step)
+        self.reached = float(reached)
+        self.objective = objective or CosineDragObjective(r_m, jump, snap, on_target_weight,
+                                                          share_weight)
+        self.training_reference = bool(training_reference)
+        self.reference_only = bool(reference_only)
+        self.guidance_scale = float(guidance_scale)
+        self.ref_start_step = int(ref_start_step)
+        self.reference_offset = int(reference_offset)
+        if self.reference_offset not in (0, 1):
+            raise ValueError(f"method.reference_offset must be 1 (authors' code) or 0, got "
+                             f"{reference_offset}")
+        self.neg_same_prompt = bool(neg_same_prompt)
+        self.a_prompt, self.n_prompt = a_prompt, n_prompt
+        self.prompt_override = prompt_override
+        self.seed = int(seed)
+
+    def prompts(self, models, prompt: str) -> _Prompts:
+        """The authors' prompt handling: negative = prompt by default (CFG then collapses)."""
+        if self.neg_same_prompt:
+            cond = models.encode_prompt(prompt)
+            return _Prompts(cond, cond)
+        return _Prompts(models.encode_prompt(f"{prompt}, {self.a_prompt}"),
+                        models.encode_prompt(self.n_prompt))
+
+    def edit(self, sample: DragSample, models, callbacks: list, *,
+             lora_dir: str | Path | None = None, precision: str = "32-true",
+             progress: bool = True, lora_callbacks: list | tuple = ()) -> EditResult:
+        """Edit one sample; ``callbacks`` are the drag callbacks (tracking, stop, auto mask, ...).
+
+        ``lora_dir`` and ``lora_callbacks`` are accepted for the common signature; EasyDrag
+        trains no LoRA.
+        """
+        from ..data.sample import SampleError
+
+        timer = StageTimer()
+        device = models.device
+        H, W = sample.image.shape[:2]
+        work = working_size((H, W), self.resolution or int(models.resolution))
+        try:
+            handles, targets = drag_points(sample.points, (H, W), work)
+        except ValueError as exc:
+            raise SampleError(f"sample {sample.name!r}: points: {exc}") from exc
+        target_check = ReferenceLatentTarget(self.training_reference)
+        check_callbacks(callbacks, target_check)
+        mask = user_mask(sample.mask, work).to(device)
+        prompt = self.prompt_override if self.prompt_override is not None else sample.prompt
+        autocast = _autocast(precision, device)
+        prompts = self.prompts(models, prompt)
+        cond = prompts.cond.float()
+        uncond = cond if prompts.uncond is prompts.cond else prompts.uncond.float()
+
+        image = resize_image(sample.image, work)
+        image = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float()
+        image = image / 127.5 - 1.0
+        with timer("encode"), torch.no_grad():
+            gen = torch.Generator().manual_seed(self.seed)
+            latent0 = models.encode_image(image.to(device, models.vae.dtype), sample=True,
+                                          generator=gen).float()
+        start = self.schedule.edit_index(self.n_actual)
+        t = self.schedule.timesteps[start]
+        with timer("inversion"), autocast:
+            latents = [x.float() for x in
+                       invert_all(NoisePredictor(models.unet, cond), latent0, self.schedule)]
+        z_t = latents[self.n_actual]
+
+        recorder = next((c for c in callbacks if hasattr(c, "losses")), None)
+        module = drag_module(models.unet, z_t, t, cond, handles.to(device), targets.to(device),
+                             mask, self.schedule, self.feature_idx, self.objective, self.lr,
+                             self.n_pix_step, self.training_reference)
+        with timer("optimisation"):
+            fit_drag(module, callbacks, precision=precision, progress=progress)
+        with timer("denoising"), autocast:
+            out = sample_with_reference(ReferenceAttentionUNet(models.unet), module.result,
+                                        cond, uncond, self.schedule, start, latents,
+                                        self.guidance_scale, self.ref_start_step,
+                                        self.reference_offset, self.reference_only)
+        with timer("decode"):
+            img = models.decode(out.to(models.vae.dtype)).float()
+            img = F.interpolate(img, size=(H, W), mode="bilinear", align_corners=False)
+            result = ((img[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte()
+            result = result.cpu().numpy()
+
+        def to_xy(rc):
+            return [[c / work[1] * W, r / work[0] * H] for r, c in rc]
+
+        traj = [to_xy(step) for step in (recorder.handles if recorder else [])]
+        timer.seconds["total"] = sum(timer.seconds.values())
+        return EditResult(
+            image=result, handles_xy=[tuple(p) for p in to_xy(handles.tolist())],
+            targets_xy=[tuple(p) for p in to_xy(targets.tolist())], trajectory_xy=traj,
+            losses=list(recorder.losses) if recorder else [],
+            distances=list(recorder.distances) if recorder else [],
+            num_steps=module.num_steps, stopped_early=module.stopped_early,
+            timings=dict(timer.seconds), lora_path=None,
+            extras={"images": callback_images(callbacks, (H, W)),
+                    "working_size": list(work)})
