@@ -25,10 +25,6 @@ from .case import Case, CaseError
 from .registry import adapter
 
 
-import os
-_FAST = os.environ.get("DRAGEXP_NO_SLICING") == "1"
-
-
 def _q(t: torch.Tensor) -> torch.Tensor:
     return t.float() / 32
 
@@ -36,7 +32,8 @@ def _q(t: torch.Tensor) -> torch.Tensor:
 def _featurizer(case: Case) -> DiftFeaturizer:
     models = load_dift_case_models(case.path)
     p = case.meta.get("parameters", {})
-    slicing = None if _FAST else p.get("enable_attention_slicing", {}).get("value", "auto")
+    # the reference enables sliced attention; same maths, and the same rounding as recorded
+    slicing = p.get("enable_attention_slicing", {}).get("value", "auto")
     return DiftFeaturizer(models, t=int(case.param("t", 261)),
                           up_ft_index=int(case.param("up_ft_index", 1)),
                           ensemble_size=int(case.param("ensemble_size", 8)),

@@ -33,7 +33,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..features import feature_module
 from ..models.bundle import ModelBundle
