@@ -39,7 +39,7 @@ from ..points import binarize_mask, clicks_to_grid
 from ..sampling import NoisePredictor, ReferenceAttentionUNet, ReferenceGuidance, ddim_sample
 from ..schedule import DDIMSchedule
 from ..targets import ReferenceLatentTarget
-from .latent_drag import EditResult, StageTimer, _autocast
+from .latent_drag import EditResult, StageTimer, _autocast, edit_result
 
 if TYPE_CHECKING:
     from ..data.sample import DragSample
@@ -279,17 +279,6 @@ class EasyDragMethod:
             result = ((img[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte()
             result = result.cpu().numpy()
 
-        def to_xy(rc):
-            return [[c / work[1] * W, r / work[0] * H] for r, c in rc]
-
-        traj = [to_xy(step) for step in (recorder.handles if recorder else [])]
-        timer.seconds["total"] = sum(timer.seconds.values())
-        return EditResult(
-            image=result, handles_xy=[tuple(p) for p in to_xy(handles.tolist())],
-            targets_xy=[tuple(p) for p in to_xy(targets.tolist())], trajectory_xy=traj,
-            losses=list(recorder.losses) if recorder else [],
-            distances=list(recorder.distances) if recorder else [],
-            num_steps=module.num_steps, stopped_early=module.stopped_early,
-            timings=dict(timer.seconds), lora_path=None,
-            extras={"images": callback_images(callbacks, (H, W)),
-                    "working_size": list(work)})
+        return edit_result(result, handles, targets, work, recorder, module, timer,
+                           extras={"images": callback_images(callbacks, (H, W)),
+                                   "working_size": list(work)})

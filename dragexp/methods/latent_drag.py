@@ -136,6 +136,28 @@ class StageTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
+
+def edit_result(image: np.ndarray, handles: torch.Tensor, targets: torch.Tensor,
+                grid_hw: tuple[int, int], recorder, module, timer: StageTimer, *,
+                lora_path=None, extras: dict | None = None) -> EditResult:
+    """Assemble an :class:`EditResult`: points and trajectory mapped from the method's point
+    grid ``grid_hw`` (row, col) to source-image pixels (x, y); ``image`` is at source size."""
+    H, W = image.shape[:2]
+
+    def to_xy(rc):
+        return [[c / grid_hw[1] * W, r / grid_hw[0] * H] for r, c in rc]
+
+    timer.seconds["total"] = sum(timer.seconds.values())
+    return EditResult(
+        image=image, handles_xy=[tuple(p) for p in to_xy(handles.tolist())],
+        targets_xy=[tuple(p) for p in to_xy(targets.tolist())],
+        trajectory_xy=[to_xy(step) for step in (recorder.handles if recorder else [])],
+        losses=list(recorder.losses) if recorder else [],
+        distances=list(recorder.distances) if recorder else [],
+        num_steps=module.num_steps, stopped_early=module.stopped_early,
+        timings=dict(timer.seconds), lora_path=str(lora_path) if lora_path else None,
+        extras=dict(extras or {}))
+
 class LatentDragMethod:
     """DragDiffusion (and, by its parameters, DragNoise) on one :class:`DragSample`.
 
@@ -257,19 +279,9 @@ class LatentDragMethod:
         if lora_path is not None:
             _disable_lora(models.unet)
 
-        def to_xy(rc):
-            return [[c / sup_hw[1] * W, r / sup_hw[0] * H] for r, c in rc]
-
-        traj = [to_xy(step) for step in (recorder.handles if recorder else [])]
-        timer.seconds["total"] = sum(timer.seconds.values())
-        return EditResult(
-            image=result, handles_xy=[tuple(p) for p in to_xy(handles.tolist())],
-            targets_xy=[tuple(p) for p in to_xy(targets.tolist())], trajectory_xy=traj,
-            losses=list(recorder.losses) if recorder else [],
-            distances=list(recorder.distances) if recorder else [],
-            num_steps=module.num_steps, stopped_early=module.stopped_early,
-            timings=dict(timer.seconds), lora_path=str(lora_path) if lora_path else None,
-            extras={"images": callback_images(callbacks, (H, W))})
+        return edit_result(result, handles, targets, sup_hw, recorder, module, timer,
+                           lora_path=lora_path,
+                           extras={"images": callback_images(callbacks, (H, W))})
 
     def _check_border(self, sample, handles: torch.Tensor) -> None:
         """Refuse, before any work, handles the reference tracker cannot start from."""
