@@ -193,21 +193,17 @@ def _self_attention_modules(unet: nn.Module, regions) -> list[tuple[str, nn.Modu
 
 
 @contextmanager
-def reference_attention(unet: nn.Module, regions=("up",)) -> Iterator[AttentionController | None]:
-    """EasyDrag's reference (mutual self-)attention as a context manager.
+def self_attention_control(unet: nn.Module, controller: AttentionController,
+                           regions=("up",)) -> Iterator[AttentionController | None]:
+    """Drive the self-attention layers of ``regions`` by ``controller``; restore them on exit.
 
-    In a batch ``[edited, reference]`` the edited element's queries attend only to keys/values
-    computed from the reference element's (normed) hidden states in every self-attention layer
-    of ``regions`` (the decoder: ``up_blocks``); the reference runs ordinary self-attention, and
-    a batch of one is plain attention (NOTES_easydrag_dragondiffusion.md item 7). Only those
-    layers' processors are swapped (and restored on exit), which is cheap enough to do around
-    every forward. A module without attention layers (a synthetic stand-in model) gets a no-op.
+    Only those layers' processors are swapped, which is cheap enough to do around every
+    forward. A module without attention layers (a synthetic stand-in model) gets a no-op.
     """
     if not hasattr(unet, "up_blocks"):
         yield None
         return
     mods = _self_attention_modules(unet, regions)
-    controller = ReferenceControl([n for n, _ in mods], 0, 1 << 30, groups=1, ref_index=-1)
     old = [m.processor for _, m in mods]
     for name, m in mods:
         m.set_processor(ControlledAttnProcessor(name, controller))
@@ -216,6 +212,84 @@ def reference_attention(unet: nn.Module, regions=("up",)) -> Iterator[AttentionC
     finally:
         for (_, m), proc in zip(mods, old):
             m.set_processor(proc)
+
+
+def self_attention_names(unet: nn.Module, regions=("up",)) -> list[str]:
+    """Processor names of the self-attention layers of ``regions`` (empty without a UNet)."""
+    if not hasattr(unet, "up_blocks"):
+        return []
+    return [n for n, _ in _self_attention_modules(unet, regions)]
+
+
+@contextmanager
+def reference_attention(unet: nn.Module, regions=("up",)) -> Iterator[AttentionController | None]:
+    """EasyDrag's reference (mutual self-)attention as a context manager.
+
+    In a batch ``[edited, reference]`` the edited element's queries attend only to keys/values
+    computed from the reference element's (normed) hidden states in every self-attention layer
+    of ``regions`` (the decoder: ``up_blocks``); the reference runs ordinary self-attention, and
+    a batch of one is plain attention (NOTES_easydrag_dragondiffusion.md item 7).
+    """
+    controller = ReferenceControl(self_attention_names(unet, regions), 0, 1 << 30, groups=1,
+                                  ref_index=-1)
+    with self_attention_control(unet, controller, regions) as c:
+        yield c
+
+
+class RecordKeysValues(AttentionController):
+    """Ordinary attention that keeps each listed layer's keys and values (detached)."""
+
+    def __init__(self, layers: list[str]):
+        super().__init__()
+        self.layers = set(layers)
+        self.kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keys_values(self, layer, query, key, value):
+        if layer in self.layers:
+            self.kv[layer] = (key.detach(), value.detach())
+        return key, value
+
+
+class IndexedReference(AttentionController):
+    """Element b's queries attend to the keys/values of batch element ``index[b]``.
+
+    With ``index = [0, 2, 2]`` the batch ``[x, x, ref]`` holds a plain element, one reading
+    ``ref`` (EasyDrag's reference attention) and ``ref`` itself: both of EasyDrag's guided
+    predictions in one UNet call (:meth:`dragexp.sampling.ReferenceAttentionUNet.guided`).
+    """
+
+    def __init__(self, index):
+        super().__init__()
+        self.index = [int(i) for i in index]
+
+    def keys_values(self, layer, query, key, value):
+        if key.shape[0] != len(self.index):
+            raise ValueError(f"batch {key.shape[0]} does not match the reference index "
+                             f"{self.index}")
+        idx = torch.tensor(self.index, device=key.device)
+        return key[idx], value[idx]
+
+
+class CachedReference(AttentionController):
+    """Reference attention to recorded keys/values: what :func:`reference_attention` computes
+    for the edited element, without running the reference element again.
+
+    The reference branch of EasyDrag's drag is the frozen inverted latent, so its keys/values
+    in each layer never change; recorded once (:class:`RecordKeysValues` on a batch-1 forward
+    of that latent), they replace every element's own keys/values in the recorded layers.
+    """
+
+    def __init__(self, kv: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.kv = kv
+
+    def keys_values(self, layer, query, key, value):
+        ref = self.kv.get(layer)
+        if ref is None:
+            return key, value
+        k, v = ref
+        b = key.shape[0]
+        return k.to(key.dtype).expand(b, *k.shape[1:]), v.to(value.dtype).expand(b, *v.shape[1:])
 
 
 @contextmanager

@@ -122,13 +122,18 @@ def similarity(a: torch.Tensor, b: torch.Tensor, what: str = "") -> torch.Tensor
 def drag_energies(cur: Sequence[torch.Tensor], ref: Sequence[torch.Tensor],
                   handle_patches: torch.Tensor, target_patches: torch.Tensor,
                   mask_other: torch.Tensor, w_edit: float, w_inpaint: float,
-                  w_content: float) -> tuple[Energy, Energy]:
+                  w_content: float, inpaint: bool = True) -> tuple[Energy, Energy]:
     """E_edit and E_content of a point drag (NOTES item 25), on resized features.
 
     For each layer and pair: ``w_edit / (1 + 4 mean S(cur[target], ref[handle]))`` plus
     ``w_inpaint * mean S(cur[R], ref[R])`` with R the handle patch minus its overlap with the
     target patch; divided by #layers * #pairs. E_content is
     ``w_content / (1 + 4 mean S(ref, cur) over mask_other)`` averaged over layers.
+
+    The vacated-region term is the drag task's optional energy (E_opt of the paper's Eq. 7, the
+    dissimilarity half of Eq. 9); ``inpaint=False`` leaves it out altogether (the "without
+    inpainting guidance" ablation, paper Fig. 5), so an empty vacated region no longer makes
+    the reported energy NaN.
     """
     e_edit, e_con = Energy(), Energy()
     for f in range(len(ref)):
@@ -136,6 +141,8 @@ def drag_energies(cur: Sequence[torch.Tensor], ref: Sequence[torch.Tensor],
             s = similarity(masked_vectors(cur[f], m_cur), masked_vectors(ref[f], m_tar),
                            f"pair {k}: target patch vs handle patch")
             e_edit.add(_inv(w_edit, _mean(s)))
+            if not inpaint:
+                continue
             overlap = ((m_cur.float() + m_tar.float()) > 1.5).float()
             vacated = (m_tar.float() - overlap) > 0.5
             s = similarity(masked_vectors(cur[f], vacated), masked_vectors(ref[f], vacated))
@@ -152,10 +159,13 @@ def drag_energies(cur: Sequence[torch.Tensor], ref: Sequence[torch.Tensor],
 
 def move_energies(cur, ref_org, ref_resized, mask_tar, mask_cur, mask_other, mask_non_overlap,
                   mask_ref_region, w_edit, w_content, w_contrast, w_inpaint,
-                  layer_weights: Sequence[float]) -> tuple[Energy, Energy]:
+                  layer_weights: Sequence[float], inpaint: bool = True) -> tuple[Energy, Energy]:
     """Move / resize energies (NOTES item 28): raw cosine in the edit and content terms,
     weighted per layer; contrast ``w_contrast * mean S`` on the vacated region; a global inpaint
-    term on its mean feature against the mean of the reference region (not layer-weighted)."""
+    term on its mean feature against the mean of the reference region (not layer-weighted).
+
+    The contrast and inpaint terms together are the paper's inpainting guidance E_opt (Eq. 9);
+    ``inpaint=False`` leaves both out (the "Moving w/o E_opt" ablation, paper Fig. 5)."""
     if len(layer_weights) != len(cur):
         raise ValueError(f"move energies need one layer weight per feature layer: "
                          f"{len(layer_weights)} weights for {len(cur)} layers (up_ft_index)")
@@ -169,7 +179,7 @@ def move_energies(cur, ref_org, ref_resized, mask_tar, mask_cur, mask_other, mas
         s = F.cosine_similarity(ref_org[f], cur[f], dim=1)[0][other]
         t = _inv(w_content, _mean(s))
         e_con.add(None if t is None else t * layer_weights[f])
-    for f in range(len(ref_resized)):
+    for f in range(len(ref_resized) if inpaint else 0):
         c = masked_vectors(cur[f], mask_non_overlap)
         r = masked_vectors(ref_org[f], mask_non_overlap)
         m = _mean(similarity(c, r))
@@ -237,7 +247,7 @@ def guidance_drag(estimator: Estimator, latent: torch.Tensor, ref_features: Sequ
                   t, mask_x0: torch.Tensor, handle_patches: torch.Tensor,
                   target_patches: torch.Tensor, mask_other: torch.Tensor, energy_scale: float,
                   w_edit: float, w_inpaint: float, w_content: float, up_scale: int = 2,
-                  step: float = 4e-2) -> GuidanceResult:
+                  step: float = 4e-2, inpaint: bool = True) -> GuidanceResult:
     """Point-drag guidance (``guidance_drag``; NOTES items 25-27).
 
     Args:
@@ -247,13 +257,14 @@ def guidance_drag(estimator: Estimator, latent: torch.Tensor, ref_features: Sequ
         handle_patches / target_patches: (N, Hf, Wf) boolean 3x3 patches.
         mask_other: (1, 1, Hf, Wf) content region.
         energy_scale: absolute scale (the UI's value x 1e3).
+        inpaint: the vacated-region term (inpainting guidance) on; False = the ablation.
     """
     with torch.no_grad():
         ref = resize_features(ref_features, up_scale)
     with torch.enable_grad():
         x, cur = _current_features(estimator, latent, t, up_scale)
         e_edit, e_con = drag_energies(cur, ref, handle_patches, target_patches, mask_other,
-                                      w_edit, w_inpaint, w_content)
+                                      w_edit, w_inpaint, w_content, inpaint)
         mask = (F.interpolate(mask_x0.reshape(1, 1, *mask_x0.shape[-2:]).float(), latent.shape[-2:]) > 0
                 ).to(latent.dtype)
         return _combine(x, e_edit, e_con, energy_scale, True, mask, step)
@@ -262,9 +273,10 @@ def guidance_drag(estimator: Estimator, latent: torch.Tensor, ref_features: Sequ
 def guidance_move(estimator: Estimator, latent: torch.Tensor, ref_features, t, regions,
                   energy_scale: float, w_edit: float, w_content: float, w_contrast: float,
                   w_inpaint: float, up_scale: int = 2, layer_weights=None,
-                  step: float = 8e-2) -> GuidanceResult:
+                  step: float = 8e-2, inpaint: bool = True) -> GuidanceResult:
     """Object move / resize guidance (``guidance_move``; NOTES item 28). ``regions`` is a
-    :class:`~dragexp.dragon_regions.MoveRegions`; the edit gradient acts inside ``mask_cur``."""
+    :class:`~dragexp.dragon_regions.MoveRegions`; the edit gradient acts inside ``mask_cur``;
+    ``inpaint=False`` drops the inpainting guidance (contrast + inpaint terms)."""
     layer_weights = list(layer_weights) if layer_weights is not None else [0.5] * len(ref_features)
     with torch.no_grad():
         ref_org = resize_features(ref_features, up_scale)
@@ -277,7 +289,8 @@ def guidance_move(estimator: Estimator, latent: torch.Tensor, ref_features, t, r
         x, cur = _current_features(estimator, latent, t, up_scale)
         e_edit, e_con = move_energies(cur, ref_org, ref_resized, regions.mask_tar, regions.mask_cur,
                                       regions.mask_other, regions.mask_non_overlap, ref_region,
-                                      w_edit, w_content, w_contrast, w_inpaint, layer_weights)
+                                      w_edit, w_content, w_contrast, w_inpaint, layer_weights,
+                                      inpaint)
         mask = (F.interpolate((regions.mask_cur > 0.5).float(), latent.shape[-2:]) > 0).to(latent.dtype)
         return _combine(x, e_edit, e_con, energy_scale, True, mask, step)
 

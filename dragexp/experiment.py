@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .data.sample import SampleError
 from .results import is_done, write_json_atomic, write_result
+from .speed import SpeedSettings, apply_to_models
 from .trackers import BorderError
 from .wandb_run import ExperimentLog
 
@@ -48,7 +49,8 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, torch.
     requested = str(requested)
     if device.type != "cuda":
         if requested not in ("32", "32-true"):
-            log.warning("trainer.precision=%s needs a GPU; running fp32 on %s", requested, device)
+            log.warning("precision %s (trainer.precision or speed.precision) needs a GPU; "
+                        "running fp32 on %s", requested, device)
         return "32-true", torch.float32
     if requested == "16-mixed":
         return requested, torch.float16
@@ -74,7 +76,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(cfg.seed))
     device = pick_device(cfg.trainer.get("device", "auto"))
-    precision, dtype = resolve_precision(cfg.trainer.precision, device)
+    speed = SpeedSettings.from_config(cfg.get("speed"))
+    precision, dtype = resolve_precision(speed.precision or cfg.trainer.precision, device)
     method = instantiate(cfg.method)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     shard, num_shards = int(data_cfg.pop("shard", 0)), int(data_cfg.pop("num_shards", 1))
@@ -82,7 +85,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
         raise ValueError(f"data.shard={shard} must be in 0..data.num_shards-1={num_shards - 1}")
     data = instantiate(data_cfg)
     t0 = time.perf_counter()
-    models = load_models(cfg.model, device, dtype)
+    models = apply_to_models(load_models(cfg.model, device, dtype), speed)
     load_s = time.perf_counter() - t0
     lora_dir = Path(cfg.paths.lora_cache)
     results_dir = out_dir / "results"
@@ -106,7 +109,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
             try:
                 torch.manual_seed(int(cfg.seed))
                 result = method.edit(sample, models, build_drag_callbacks(cfg), lora_dir=lora_dir,
-                                     precision=precision, progress=bool(cfg.progress))
+                                     precision=precision, progress=bool(cfg.progress),
+                                     speed=speed)
                 folder = write_result(results_dir, sample, result,
                                       extra=dict(method=method.name, model=models.source))
                 info = json.loads((folder / "result.json").read_text())

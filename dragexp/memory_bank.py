@@ -131,13 +131,15 @@ class DragonAttentionControl(AttentionController):
         bank: where K/V are stored.
         mode: ``drag`` / ``landmark`` (concatenate), ``move`` (replace), ``appearance`` /
             ``paste`` (masked composite of the two images' banks).
-        bank_steps: inclusive range of sampling steps that read the bank ((5, None) = from 5 on).
+        bank_steps: inclusive range of sampling steps that read the bank ((5, None) = from 5 on);
+            None = never: no visual cross-attention, and nothing is stored (the paper's
+            "w/o visual cross-attention" ablation, Fig. 9).
         ip_steps: inclusive range of sampling steps in which the image prompt acts.
         blend_masks: for appearance / paste, ``(base, replace)`` working-size masks.
     """
 
     def __init__(self, layers: Iterable[str], bank: MemoryBank, mode: str = "drag",
-                 bank_steps: tuple[int | None, int | None] = (5, None),
+                 bank_steps: tuple[int | None, int | None] | None = (5, None),
                  ip_steps: tuple[int, int] = (10, 19),
                  blend_masks: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
@@ -166,6 +168,8 @@ class DragonAttentionControl(AttentionController):
             self.phase, self.step = old
 
     def uses_bank(self, step: int) -> bool:
+        if self.bank_steps is None:
+            return False
         lo, hi = self.bank_steps
         return (lo is None or step >= lo) and (hi is None or step <= hi)
 

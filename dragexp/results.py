@@ -60,6 +60,9 @@ def write_result(out: str | Path, sample, result, extra: dict | None = None) -> 
                     stopped_early=result.stopped_early, lora_path=result.lora_path,
                     timings=result.timings, final_distance_px=final_distance(result),
                     initial_distance_px=initial_distance(result), **(extra or {}))
+        metrics = (getattr(result, "extras", None) or {}).get("metrics")
+        if metrics:   # a method's own per-sample numbers, e.g. an analysis' reconstruction error
+            info["metrics"] = {k: float(v) for k, v in metrics.items()}
         images = (getattr(result, "extras", None) or {}).get("images", {})
         if images:   # method/callback images, e.g. the auto-mask sequence: images/<name>.png
             (tmp / "images").mkdir()

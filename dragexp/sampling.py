@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .attention import AttentionController, reference_attention
+from .attention import (AttentionController, IndexedReference, reference_attention,
+                        self_attention_control)
 from .features import feature_module, replace_output
 from .schedule import DDIMSchedule, ddim_step
 
@@ -92,6 +93,17 @@ class ReferenceAttentionUNet:
         with reference_attention(self.unet):
             return self.unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
 
+    def guided(self, x: torch.Tensor, ref: torch.Tensor, t: int, cond: torch.Tensor,
+               uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_u, eps_c) of a reference-guided step from one call on ``[x, x, ref]``: x with
+        the negative prompt (plain attention), x with the prompt reading ref's decoder
+        keys/values, and ref with the prompt, as ``[x, ref]`` and ``x`` compute them apart."""
+        batch = torch.cat([x, x, ref])
+        text = torch.cat([uncond, cond, cond])
+        with self_attention_control(self.unet, IndexedReference([0, 2, 2])):
+            eps = self.unet(batch, t, encoder_hidden_states=text, return_dict=False)[0]
+        return eps[:1], eps[1:2]
+
 
 class ReferenceGuidance:
     """EasyDrag's noise prediction in the final denoising (METHODS.md EasyDrag, "Sampling").
@@ -122,11 +134,14 @@ class ReferenceGuidance:
         ref_start_step: reference guidance while k < this (20).
         offset: 1 (faithful) or 0.
         enabled: False gives plain CFG everywhere (the authors' ``reference_only=False``).
+        batched: the fast path (``speed.batch_guidance``): a guided step's two predictions in
+            one UNet call (``model.guided``), when the model offers it.
     """
 
     def __init__(self, model, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float,
                  inversion_latents: list[torch.Tensor], num_inference_steps: int = 50,
-                 ref_start_step: int = 20, offset: int = 1, enabled: bool = True):
+                 ref_start_step: int = 20, offset: int = 1, enabled: bool = True,
+                 batched: bool = False):
         if offset not in (0, 1):
             raise ValueError(f"reference offset must be 1 (authors' code) or 0, got {offset}")
         self.model = model
@@ -138,6 +153,7 @@ class ReferenceGuidance:
         self.ref_start_step = int(ref_start_step)
         self.offset = int(offset)
         self.enabled = bool(enabled)
+        self.batched = bool(batched) and hasattr(model, "guided")
         self.same_prompt = self.uncond is self.cond or (
             self.uncond.shape == self.cond.shape and bool(torch.equal(self.uncond, self.cond)))
         self.calls: list[tuple[int, int, bool]] = []     # (schedule index, t, reference-guided)
@@ -154,6 +170,10 @@ class ReferenceGuidance:
     def __call__(self, x: torch.Tensor, t: int, i: int = 0) -> torch.Tensor:
         guided = self.guided(i)
         self.calls.append((int(i), int(t), guided))
+        if guided and self.batched and self.guidance != 1.0:
+            eps_u, eps_c = self.model.guided(x, self.reference(i).to(x), t, self.cond,
+                                             self.uncond)
+            return eps_u + self.guidance * (eps_c - eps_u)
         if guided:
             ref = self.reference(i).to(x)
             eps_c = self.model(torch.cat([x, ref]), t, self.cond.expand(2, -1, -1))[:1]

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import reference_attention
+from .attention import (CachedReference, RecordKeysValues, reference_attention,
+                        self_attention_control, self_attention_names)
 from .features import unet_eps_and_features
 
 
@@ -57,11 +58,18 @@ class ReferenceLatentTarget(LatentTarget):
         forward_fn: ``f(unet, x, t, text, feature_idx) -> (eps, [native feature maps])``;
             :func:`dragexp.features.unet_eps_and_features` by default. A synthetic stand-in
             model (conformance cases) plugs in here.
+        cache_reference: the fast path (``speed.cache_reference``): the reference element is
+            frozen, so its decoder keys/values are recorded during the F0 forward (whose input
+            is that same latent) and each step runs at batch 1 against them
+            (:class:`dragexp.attention.CachedReference`): the same edited-element arithmetic at
+            half the batch.
     """
 
-    def __init__(self, reference: bool = True, forward_fn=None):
+    def __init__(self, reference: bool = True, forward_fn=None, cache_reference: bool = False):
         self.reference = bool(reference)
         self.forward_fn = forward_fn or unet_eps_and_features
+        self.cache_reference = bool(cache_reference)
+        self.reference_kv: dict = {}
 
     def _run(self, module, x: torch.Tensor):
         text = module.text_embedding.expand(x.shape[0], -1, -1)
@@ -76,11 +84,23 @@ class ReferenceLatentTarget(LatentTarget):
     def forward(self, module, param: torch.Tensor):
         if not self.reference:
             return self._run(module, param)
+        if self.reference_kv:
+            with self_attention_control(module.unet, CachedReference(self.reference_kv)):
+                return self._run(module, param)
         eps, feats = self.batch_forward(module, param)
         return eps[:1], [f[:1] for f in feats]
 
     def initial_forward(self, module, param: torch.Tensor):
-        return self._run(module, param)
+        if not (self.reference and self.cache_reference):
+            return self._run(module, param)
+        if not torch.equal(param, module.z_t.to(param.dtype)):
+            raise ValueError("cache_reference records the reference from the F0 forward, "
+                             "which must run on the inverted latent itself")
+        recorder = RecordKeysValues(self_attention_names(module.unet))
+        with self_attention_control(module.unet, recorder):
+            out = self._run(module, param)
+        self.reference_kv = recorder.kv
+        return out
 
 
 class BottleneckTarget:

@@ -9,6 +9,8 @@ advantage; only the up path below is composed here, from the UNet's own modules.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -49,8 +51,14 @@ class UNetDecoder:
         if self.start > 0:
             hooks.append(feature_module(unet, self.start).register_forward_hook(
                 lambda m, i, o: rec.__setitem__("start", o)))
+        # Half-precision base weights run under autocast, as every other UNet call of a
+        # mixed-precision edit does; this one runs before Lightning's precision context.
+        dtype = next(unet.parameters()).dtype
+        autocast = torch.autocast(latent.device.type, dtype=dtype) \
+            if dtype in (torch.float16, torch.bfloat16) else nullcontext()
         try:
-            unet(latent, t, encoder_hidden_states=text, return_dict=False)
+            with autocast:
+                unet(latent, t, encoder_hidden_states=text, return_dict=False)
         finally:
             for h in hooks:
                 h.remove()

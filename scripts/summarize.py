@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""``python scripts/summarize.py DIR``: summary.csv and summary.png for every run below DIR."""
+"""``python scripts/summarize.py DIR``: summary.csv and summary.png for every run below DIR, and
+for an ``experiment=paper/*`` folder also paper_table.csv and paper_figure.png."""
 
 import sys
 
+from dragexp.paper_plots import write_paper_figure
 from dragexp.summary import write_summary
 
 if __name__ == "__main__":
@@ -12,3 +14,6 @@ if __name__ == "__main__":
     if out is None:
         sys.exit(f"no run_summary.json below {sys.argv[1]}")
     print(*out, sep="\n")
+    paper = write_paper_figure(sys.argv[1])
+    if paper is not None:
+        print(*paper, sep="\n")

@@ -30,6 +30,7 @@ from PIL import Image
 
 from ..data import DragSample, ProceduralSamples, SampleError, validate_sample
 from ..experiment import build_drag_callbacks, load_models, pick_device, resolve_precision
+from ..speed import SpeedSettings, apply_to_models
 from ..results import write_result
 from .progress import EditProgress
 
@@ -169,7 +170,9 @@ class Editor:
         self.out_dir = Path(out_dir) if out_dir else root / "outputs" / "app" / stamp
         self.samples_dir = Path(samples_dir) if samples_dir else root / "outputs" / "app_samples"
         self.device = pick_device(cfg.trainer.get("device", "auto"))
-        self.precision, self.dtype = resolve_precision(cfg.trainer.precision, self.device)
+        self.speed = SpeedSettings.from_config(cfg.get("speed"))
+        self.precision, self.dtype = resolve_precision(self.speed.precision or cfg.trainer.precision,
+                                                       self.device)
         self.cfg = cfg
         self._lock = threading.Lock()
         # edits are numbered on from those already in out_dir (an earlier session's)
@@ -247,7 +250,7 @@ class Editor:
             name = name or f"edit_{self._count:03d}"
             sample = validate_sample(DragSample(name=name, image=image, points=list(points),
                                                 mask=mask, prompt=prompt or "", category="app"))
-            models = load_models(cfg.model, self.device, self.dtype)
+            models = apply_to_models(load_models(cfg.model, self.device, self.dtype), self.speed)
             m = instantiate(cfg.method)
             n_edit = m.n_actual() if callable(getattr(m, "n_actual", None)) else \
                 int(getattr(m, "n_actual", 0) or 0)
@@ -255,7 +258,7 @@ class Editor:
                 lora=int(cfg.method.get("lora_steps", 0) or 0), inversion=n_edit,
                 optimisation=int(cfg.method.get("n_pix_step", 0) or 0), denoising=n_edit))
             callbacks = build_drag_callbacks(cfg) + [tracker.drag_callback()]
-            kwargs = {}
+            kwargs = {"speed": self.speed}
             if "lora_callbacks" in inspect.signature(m.edit).parameters:
                 kwargs["lora_callbacks"] = [tracker.lora_callback()]
             torch.manual_seed(int(cfg.seed))

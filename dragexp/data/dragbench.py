@@ -128,14 +128,18 @@ class DragBenchSamples(SampleSource):
         categories: Only these categories (each must exist); default all, sorted.
         limit: At most this many samples in total.
         per_category: At most this many samples from each category (applied before ``limit``).
+        drop_mask: Hand out every sample without its mask (:class:`SampleSource`; the "w/o
+            mask" rows of the papers).
 
     Raises:
         SampleError: ``root`` is missing, or a requested category is not there.
     """
 
     def __init__(self, root: str | Path, categories: list[str] | None = None,
-                 limit: int | None = None, per_category: int | None = None):
+                 limit: int | None = None, per_category: int | None = None,
+                 drop_mask: bool = False):
         self.root = Path(root).expanduser()
+        self.drop_mask = bool(drop_mask)
         if not self.root.is_dir():
             raise SampleError(f"DragBench root {str(self.root)!r}: folder not found")
         available = sorted(p.name for p in self.root.iterdir()

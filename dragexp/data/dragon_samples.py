@@ -38,17 +38,21 @@ class DragonSamples(SampleSource):
     """Procedural scenes with DragonDiffusion task inputs in ``extras``.
 
     Args:
-        n, size, seed: as :class:`~dragexp.data.procedural.ProceduralSamples`.
+        n, size, seed, limit: as :class:`~dragexp.data.procedural.ProceduralSamples`.
         task: the task the samples are for; ``resize`` adds ``extras['scale'] = scale``.
         scale: the resize factor given to ``resize`` samples.
+        drop_mask: hand out every sample without its mask (move / resize / appearance then
+            refuse it: they need the object's mask).
     """
 
     def __init__(self, n: int = 2, size: tuple[int, int] = (128, 128), seed: int = 0,
-                 task: str = "drag", scale: float = 1.2):
-        self.base = ProceduralSamples(n, size, seed)
+                 task: str = "drag", scale: float = 1.2, limit: int | None = None,
+                 drop_mask: bool = False):
+        self.base = ProceduralSamples(n, size, seed, limit=limit)
         self.second = ProceduralSamples(n, size, seed + 1)
         self.task, self.scale = str(task), float(scale)
         self.names = list(self.base.names)
+        self.drop_mask = bool(drop_mask)
 
     def _load(self, i: int) -> DragSample:
         s = self.base[i]

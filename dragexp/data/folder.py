@@ -84,12 +84,14 @@ class FolderSamples(SampleSource):
         root: Folder holding one sub-folder per sample.
         names: Only these samples, in this order (each must exist under ``root``).
         limit: At most this many samples (after ``names``).
+        drop_mask: Hand out every sample without its mask (:class:`SampleSource`).
 
     Raises:
         SampleError: ``root`` is missing or not a folder, or a name in ``names`` is not there.
     """
 
-    def __init__(self, root: str | Path, names: list[str] | None = None, limit: int | None = None):
+    def __init__(self, root: str | Path, names: list[str] | None = None, limit: int | None = None,
+                 drop_mask: bool = False):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise SampleError(f"FolderSamples root {str(self.root)!r}: folder not found")
@@ -111,6 +113,7 @@ class FolderSamples(SampleSource):
                 raise ValueError(f"FolderSamples: limit must be >= 0, got {limit!r}")
             selected = selected[: int(limit)]
         self.names = selected
+        self.drop_mask = bool(drop_mask)
 
     def _load(self, i: int) -> DragSample:
         name = self.names[i]

@@ -84,9 +84,12 @@ class ProceduralSamples(SampleSource):
         n: Number of samples.
         size: ``(H, W)``; any size from 16 x 16, non-square and non-multiples of 8 included.
         seed: Seed; sample ``i`` depends only on ``(seed, i, size)``.
+        limit: At most this many of the ``n`` samples (``data.limit``, as for DragBench).
+        drop_mask: Hand out every sample without its mask (:class:`SampleSource`).
     """
 
-    def __init__(self, n: int = 2, size: tuple[int, int] = (128, 128), seed: int = 0):
+    def __init__(self, n: int = 2, size: tuple[int, int] = (128, 128), seed: int = 0,
+                 limit: int | None = None, drop_mask: bool = False):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"ProceduralSamples: n must be an integer >= 0, got {n!r}")
         try:
@@ -95,8 +98,13 @@ class ProceduralSamples(SampleSource):
             raise ValueError(f"ProceduralSamples: size must be (H, W), got {size!r}") from None
         if h < 16 or w < 16:
             raise ValueError(f"ProceduralSamples: size must be at least (16, 16), got {size!r}")
+        if limit is not None and int(limit) < 0:
+            raise ValueError(f"ProceduralSamples: limit must be >= 0, got {limit!r}")
+        if limit is not None:
+            n = min(int(n), int(limit))
         self.n, self.size, self.seed = int(n), (h, w), int(seed)
         self.names = [self._name(i) for i in range(self.n)]
+        self.drop_mask = bool(drop_mask)
 
     @staticmethod
     def _name(i: int) -> str:

@@ -235,10 +235,14 @@ class SampleSource(Sequence):
     """Base of the lazy sample collections: ``len``, indexing (loads and validates one sample),
     iteration, :attr:`names` (known without loading) and :meth:`iter_checked`.
 
-    Subclasses implement :attr:`names` and :meth:`_load`.
+    Subclasses implement :attr:`names` and :meth:`_load`. A source whose :attr:`drop_mask` is
+    true hands out every sample with an all-zero mask ("no mask drawn"), whatever its files
+    say: the "without mask" rows of the papers (e.g. EasyDrag Table 1, "DragDiffusion w/o
+    mask"), where each method then does what it does without a mask.
     """
 
     names: list[str]
+    drop_mask: bool = False
 
     def _load(self, index: int) -> DragSample:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -258,7 +262,10 @@ class SampleSource(Sequence):
             i += n
         if not 0 <= i < n:
             raise IndexError(f"{type(self).__name__}: index {index} out of range for {n} samples")
-        return self._load(i)
+        sample = self._load(i)
+        if self.drop_mask:
+            sample.mask = np.zeros_like(sample.mask)
+        return sample
 
     def __iter__(self) -> Iterator[DragSample]:
         for i in range(len(self)):

@@ -71,6 +71,7 @@ class DragonParams:
     up_scale: int = 2
     move_layer_weights: tuple[float, ...] | None = None
     latent_copy_border: str = "error"
+    inpainting_guidance: bool = True
     plan: DragonSchedule = field(default_factory=DragonSchedule)
 
 
@@ -99,28 +100,48 @@ class _RefFeatures:
         return self.cache[key]
 
 
+def _start(inv: Sequence[torch.Tensor], init_latent: torch.Tensor | None) -> torch.Tensor:
+    """The latent the task's z_T pre-processing starts from: the inversion's last latent (the
+    reference modifies it in place, and step 0's reference features read it) or, for the
+    "w/o inversion prior" ablation, ``init_latent`` (the inversion's latents stay untouched)."""
+    if init_latent is None:
+        return inv[-1]
+    if init_latent.shape[-2:] != inv[-1].shape[-2:]:
+        raise ValueError(f"init_latent of shape {tuple(init_latent.shape)} does not match z_T "
+                         f"of shape {tuple(inv[-1].shape)}")
+    return init_latent.to(inv[-1]).clone()
+
+
 def run_drag(unet, latent0, cond, uncond, points_xy, mask_upload: np.ndarray,
              working_hw: tuple[int, int], input_scale: float, params: DragonParams, estimator,
              schedule: DDIMSchedule, controller: DragonAttentionControl | None = None,
              emb_im=None, emb_im_uncond=None, trace: DragonTrace | None = None,
-             timer: StageTimer | None = None, sizes: dict[int, int] | None = None) -> dict[str, Any]:
+             timer: StageTimer | None = None, sizes: dict[int, int] | None = None,
+             init_latent: torch.Tensor | None = None) -> dict[str, Any]:
     """``run_drag``: inversion with the memory bank, ``process_drag``, the in-place latent patch
     copy, then guided sampling in drag mode. Returns a dict with ``final``, ``inversion``
     (latents; the last one modified in place by the copy, as in the reference), ``z_T`` (the
-    last latent before the copy), ``regions``."""
+    last latent before the copy), ``regions``.
+
+    ``init_latent`` (same shape as z_T) replaces the inversion's z_T as the sampler's start
+    (the paper's "w/o inversion prior" ablation, Fig. 9: random z_T); the patch copy then acts
+    on it, and the memory bank and the guidance's reference features still come from the
+    inversion."""
     timer = timer or StageTimer()
     with timer("inversion"):
         inv = invert_with_bank(unet, latent0, cond, schedule, controller)
     regions = process_drag(mask_upload, points_xy, working_hw, input_scale,
                            feature_scale(params.up_ft_index, params.up_scale, sizes)).to(latent0.device)
-    z_T = inv[-1].clone()
-    latent_in = copy_latent_patches(inv[-1], regions, params.up_scale, params.latent_copy_border)
+    z_T = inv[-1].clone() if init_latent is None else init_latent.clone()
+    latent_in = copy_latent_patches(_start(inv, init_latent), regions, params.up_scale,
+                                    params.latent_copy_border)
     ref = _RefFeatures(estimator, inv)
 
     def guidance(i, t, x):
         return guidance_drag(estimator, x, ref(i, t), t, regions.mask_x0, regions.handle_patches,
                              regions.target_patches, regions.mask_other, params.energy_scale,
-                             params.w_edit, params.w_inpaint, params.w_content, params.up_scale)
+                             params.w_edit, params.w_inpaint, params.w_content, params.up_scale,
+                             inpaint=params.inpainting_guidance)
 
     sde_mask = latent_mask(regions.mask_x0, latent_in.shape[-2:])
     with timer("denoising"):
@@ -135,21 +156,25 @@ def run_move(unet, latent0, cond, uncond, mask_upload: np.ndarray, working_hw, i
              dx: float, dy: float, params: DragonParams, estimator, schedule: DDIMSchedule,
              controller=None, emb_im=None, emb_im_uncond=None, mask_ref_upload=None,
              trace: DragonTrace | None = None, timer: StageTimer | None = None,
-             sizes: dict[int, int] | None = None) -> dict[str, Any]:
-    """``run_move``: object moving / resizing (``dx, dy`` in upload pixels)."""
+             sizes: dict[int, int] | None = None,
+             init_latent: torch.Tensor | None = None) -> dict[str, Any]:
+    """``run_move``: object moving / resizing (``dx, dy`` in upload pixels); ``init_latent``
+    as in :func:`run_drag` (the object is moved within it)."""
     timer = timer or StageTimer()
     with timer("inversion"):
         inv = invert_with_bank(unet, latent0, cond, schedule, controller)
     regions = process_move(mask_upload, working_hw, dx, dy,
                            feature_scale(params.up_ft_index, params.up_scale, sizes), input_scale,
                            params.resize_scale, mask_ref_upload).to(latent0.device)
-    latent_in = move_latent(inv[-1], mask_upload, working_hw, dx, dy, params.resize_scale)
+    latent_in = move_latent(_start(inv, init_latent), mask_upload, working_hw, dx, dy,
+                            params.resize_scale)
     ref = _RefFeatures(estimator, inv)
 
     def guidance(i, t, x):
         return guidance_move(estimator, x, ref(i, t), t, regions, params.energy_scale,
                              params.w_edit, params.w_content, params.w_contrast, params.w_inpaint,
-                             params.up_scale, params.move_layer_weights)
+                             params.up_scale, params.move_layer_weights,
+                             inpaint=params.inpainting_guidance)
 
     m = nearest(regions.mask_x0, regions.mask_cur.shape[-2:]) > 0.5
     m = (regions.mask_cur.float() + m.float()) > 0.5
@@ -167,9 +192,12 @@ def run_blend(task: str, unet, latent_base, latent_replace, cond, cond_replace, 
               input_scale: float, params: DragonParams, estimator, schedule: DDIMSchedule,
               controller=None, emb_im=None, emb_im_uncond=None, dx: float = 0.0, dy: float = 0.0,
               trace: DragonTrace | None = None, timer: StageTimer | None = None,
-              sizes: dict[int, int] | None = None) -> dict[str, Any]:
+              sizes: dict[int, int] | None = None,
+              init_latent: torch.Tensor | None = None) -> dict[str, Any]:
     """``run_appearance`` / ``run_paste``: both images inverted together (batch 2, each with its
-    prompt); the memory bank composites the base's background with the second image's object."""
+    prompt); the memory bank composites the base's background with the second image's object.
+    ``init_latent`` replaces the base image's z_T (as in :func:`run_drag`); a pasted object
+    still comes from the second image's inversion. These tasks have no inpainting term."""
     timer = timer or StageTimer()
     scale = feature_scale(params.up_ft_index, params.up_scale, sizes)
     with timer("inversion"):
@@ -177,11 +205,12 @@ def run_blend(task: str, unet, latent_base, latent_replace, cond, cond_replace, 
                                torch.cat([cond, cond_replace]), schedule, controller)
     if task == "appearance":
         regions = process_appearance(mask_upload, mask_replace_upload, working_hw, scale)
-        latent_in = inv[-1][:1]
+        latent_in = _start(inv, init_latent)[:1]
         fn = guidance_appearance
     else:
         regions = process_paste(mask_upload, working_hw, dx, dy, scale, input_scale, params.resize_scale)
-        latent_in = paste_latent(inv[-1][:1], inv[-1][1:], regions, working_hw, dx, dy)
+        latent_in = paste_latent(_start(inv, init_latent)[:1], inv[-1][1:], regions,
+                                 working_hw, dx, dy)
         fn = guidance_paste
     regions = regions.to(latent_base.device)
     if controller is not None:
@@ -318,7 +347,15 @@ class DragonDiffusionMethod:
             upsampling (2).
         latent_copy_border: ``error`` (faithful: a drag point whose 3x3 latent patch crosses the
             bottom/right border fails, as in the authors' code) or ``clip`` (copy what fits).
-        memory_bank: ``dtype`` (null / float16) and ``device`` (null / cpu) of the stored K/V.
+        memory_bank: ``enabled`` (true; false = no K/V bank and no visual cross-attention, the
+            paper's "w/o visual cross-attention" ablation, Fig. 9), ``dtype`` (null / float16)
+            and ``device`` (null / cpu) of the stored K/V.
+        inpainting_guidance: the optional energy E_opt of the paper's Eq. 7 / 9 (drag: the
+            vacated-patch term; move / resize: contrast + inpaint terms); false = the "w/o
+            E_opt" ablation (paper Fig. 5). Appearance and paste have no such term.
+        init_latent: ``inversion`` (z_T from DDIM inversion, faithful) or ``random`` (a
+            seeded Gaussian z_T, the "w/o inversion prior" ablation, paper Fig. 9; the memory
+            bank and the guidance's reference features still come from the inversion).
         image_prompt: ``enabled``, ``encoder`` (hub id / folder), ``encoder_subfolder``,
             ``adapter`` (checkpoint file or ``repo:file``), ``scale``, ``num_tokens``.
     """
@@ -337,9 +374,12 @@ class DragonDiffusionMethod:
                  bank_start_step: int = 5, blend_bank_steps: Sequence[int] = (0, 35),
                  latent_copy_border: str = "error", tasks: dict | None = None, memory_bank: dict | None = None,
                  image_prompt: dict | None = None, prompt_override: str | None = None,
-                 seed: int = 0):
+                 seed: int = 0, inpainting_guidance: bool = True, init_latent: str = "inversion"):
         if task not in TASKS:
             raise ValueError(f"method.task must be one of {TASKS}, got {task!r}")
+        if init_latent not in ("inversion", "random"):
+            raise ValueError(f"method.init_latent must be 'inversion' or 'random', got {init_latent!r}")
+        self.init_latent = init_latent
         self.name, self.task = name, task
         self.schedule = DDIMSchedule.sd15(int(n_inference_step))
         self.max_resolution = None if max_resolution is None else int(max_resolution)
@@ -359,8 +399,10 @@ class DragonDiffusionMethod:
                                    up_scale=int(up_scale),
                                    move_layer_weights=None if move_layer_weights is None
                                    else tuple(float(w) for w in move_layer_weights),
-                                   latent_copy_border=str(latent_copy_border), plan=plan)
+                                   latent_copy_border=str(latent_copy_border),
+                                   inpainting_guidance=bool(inpainting_guidance), plan=plan)
         self.bank_cfg = dict(memory_bank or {})
+        self.use_bank = bool(self.bank_cfg.pop("enabled", True))
         self.ip_cfg = dict(image_prompt or {})
         self.prompt_override = prompt_override
         self.seed = int(seed)
@@ -398,10 +440,23 @@ class DragonDiffusionMethod:
         return (adapter, torch.cat([e[0] for e in embs], dim=1).float(),
                 torch.cat([e[1] for e in embs], dim=1).float())
 
+    def _random_start(self, latent0: torch.Tensor) -> torch.Tensor | None:
+        """z_T for ``init_latent='random'``: N(0, I) drawn on the CPU from ``seed`` (the same
+        noise on every device), or None (start from the inversion)."""
+        if self.init_latent != "random":
+            return None
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randn(tuple(latent0.shape), generator=g).to(latent0)
+
     # -- one edit ----------------------------------------------------------------------
     def edit(self, sample, models, callbacks: list, *, lora_dir=None, precision: str = "32-true",
-             progress: bool = True) -> EditResult:
-        """Edit one sample with ``self.task``; ``callbacks`` (drag callbacks) are not used."""
+             progress: bool = True, speed=None) -> EditResult:
+        """Edit one sample with ``self.task``; ``callbacks`` (drag callbacks) are not used.
+
+        ``speed`` (:mod:`dragexp.speed`): DragonDiffusion trains nothing and has no reference
+        branch to cache, so only the model-wide switches (precision, memory format, compile)
+        apply, and those are set on the models by the caller.
+        """
         timer = StageTimer()
         task = self.task
         inp = task_inputs(sample, task, self.params.resize_scale)
@@ -436,7 +491,8 @@ class DragonDiffusionMethod:
         plan = params.plan
         bank = MemoryBank(dtype=_dtype(self.bank_cfg.get("dtype")), device=self.bank_cfg.get("device"))
         controller = DragonAttentionControl(decoder_self_attention_layers(models.unet), bank, mode,
-                                            plan.bank_steps(mode), plan.ip_steps)
+                                            plan.bank_steps(mode) if self.use_bank else None,
+                                            plan.ip_steps)
         # store only the steps the sampler reads (45 of 50 for drag / move, 36 for the others)
         bank.steps = set(controller.bank_step_indices(self.schedule.num_inference_steps))
         estimator = DecoderFeatureEstimator(models.unet, cond, params.up_ft_index, controller.plain)
@@ -444,7 +500,8 @@ class DragonDiffusionMethod:
         sizes = up_block_sizes(models.unet)
         common = dict(params=params, estimator=estimator, schedule=self.schedule,
                       controller=controller, emb_im=emb_im, emb_im_uncond=emb_im_uncond,
-                      trace=trace, timer=timer, sizes=sizes)
+                      trace=trace, timer=timer, sizes=sizes,
+                      init_latent=self._random_start(latent0))
         from ..image_prompt import dragon_attention
 
         with dragon_attention(models.unet, controller, adapter), _autocast(precision, device):

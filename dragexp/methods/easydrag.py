@@ -38,6 +38,7 @@ from ..modules.drag_optimisation import CosineDragObjective, DragOptimisation, f
 from ..points import binarize_mask, clicks_to_grid
 from ..sampling import NoisePredictor, ReferenceAttentionUNet, ReferenceGuidance, ddim_sample
 from ..schedule import DDIMSchedule
+from ..speed import SpeedSettings
 from ..targets import ReferenceLatentTarget
 from .latent_drag import EditResult, StageTimer, _autocast, edit_result
 
@@ -117,25 +118,29 @@ def drag_module(unet, z_t: torch.Tensor, timestep: int, cond: torch.Tensor,
                 handles: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                 schedule: DDIMSchedule, feature_idx, objective: CosineDragObjective,
                 lr: float, n_steps: int, reference: bool = True,
-                forward_fn=None) -> DragOptimisation:
+                forward_fn=None, cache_reference: bool = False) -> DragOptimisation:
     """The shared drag optimisation with EasyDrag's target, feature composition and loss.
 
     ``mask`` (1, 1, h, w) at image resolution is the drawn mask (the supervision grid is the
-    image); the auto-mask callback replaces it from step 0 when active.
+    image); the auto-mask callback replaces it from step 0 when active. ``cache_reference``:
+    the fast path's batch-1 drag against recorded reference keys/values.
     """
-    return DragOptimisation(unet, ReferenceLatentTarget(reference, forward_fn), z_t, timestep,
-                            cond, handles, targets, mask, schedule, feature_idx, objective, lr,
-                            n_steps, compose_features=concat_then_resize)
+    target = ReferenceLatentTarget(reference, forward_fn, cache_reference)
+    return DragOptimisation(unet, target, z_t, timestep, cond, handles, targets, mask, schedule,
+                            feature_idx, objective, lr, n_steps,
+                            compose_features=concat_then_resize)
 
 
 def sample_with_reference(model, latent: torch.Tensor, cond: torch.Tensor,
                           uncond: torch.Tensor | None, schedule: DDIMSchedule, start_index: int,
                           inversion_latents: list[torch.Tensor], guidance: float,
                           ref_start_step: int, offset: int = 1, enabled: bool = True,
-                          on_step=None) -> torch.Tensor:
-    """Denoise the dragged latent from ``timesteps[start_index]`` with reference guidance."""
+                          on_step=None, batched: bool = False) -> torch.Tensor:
+    """Denoise the dragged latent from ``timesteps[start_index]`` with reference guidance
+    (``batched``: a guided step's two predictions in one UNet call, the fast path)."""
     predictor = ReferenceGuidance(model, cond, uncond, guidance, inversion_latents,
-                                  schedule.num_inference_steps, ref_start_step, offset, enabled)
+                                  schedule.num_inference_steps, ref_start_step, offset, enabled,
+                                  batched)
     return ddim_sample(predictor, latent, schedule, start_index, on_step=on_step)
 
 
@@ -223,14 +228,16 @@ class EasyDragMethod:
 
     def edit(self, sample: DragSample, models, callbacks: list, *,
              lora_dir: str | Path | None = None, precision: str = "32-true",
-             progress: bool = True, lora_callbacks: list | tuple = ()) -> EditResult:
+             progress: bool = True, lora_callbacks: list | tuple = (),
+             speed: SpeedSettings | None = None) -> EditResult:
         """Edit one sample; ``callbacks`` are the drag callbacks (tracking, stop, auto mask, ...).
 
         ``lora_dir`` and ``lora_callbacks`` are accepted for the common signature; EasyDrag
-        trains no LoRA.
+        trains no LoRA. ``speed``: the fast path's switches (:mod:`dragexp.speed`).
         """
         from ..data.sample import SampleError
 
+        speed = speed or SpeedSettings()
         timer = StageTimer()
         device = models.device
         H, W = sample.image.shape[:2]
@@ -265,14 +272,16 @@ class EasyDragMethod:
         recorder = next((c for c in callbacks if hasattr(c, "losses")), None)
         module = drag_module(models.unet, z_t, t, cond, handles.to(device), targets.to(device),
                              mask, self.schedule, self.feature_idx, self.objective, self.lr,
-                             self.n_pix_step, self.training_reference)
+                             self.n_pix_step, self.training_reference,
+                             cache_reference=speed.cache_reference)
         with timer("optimisation"):
             fit_drag(module, callbacks, precision=precision, progress=progress)
         with timer("denoising"), autocast:
             out = sample_with_reference(ReferenceAttentionUNet(models.unet), module.result,
                                         cond, uncond, self.schedule, start, latents,
                                         self.guidance_scale, self.ref_start_step,
-                                        self.reference_offset, self.reference_only)
+                                        self.reference_offset, self.reference_only,
+                                        batched=speed.batch_guidance)
         with timer("decode"):
             img = models.decode(out.to(models.vae.dtype)).float()
             img = F.interpolate(img, size=(H, W), mode="bilinear", align_corners=False)

@@ -12,8 +12,7 @@ rule, the tracker's border rule, propagation instead of reference control).
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -28,6 +27,8 @@ from ..modules.drag_optimisation import DragObjective, DragOptimisation, fit_dra
 from ..points import binarize_mask, clicks_to_grid, resize_mask_nearest, supervision_size
 from ..sampling import NoisePredictor, ddim_sample
 from ..schedule import DDIMSchedule
+from ..speed import SpeedSettings
+from ..stages import StageTimer
 from ..targets import LatentTarget
 from ..trackers import BorderError
 
@@ -64,6 +65,9 @@ class DenoiseSettings:
         start_step, start_layer, total_steps: the control's step and block gating.
         end_step: DragNoise propagation endpoint: the bottleneck replaces the mid-block output
             while the schedule index ``i < num_inference_steps - end_step``.
+        propagate: DragNoise's diffusion semantic propagation (paper Sec. 3.2.2). False uses
+            the bottleneck at the optimised step only (``i == start_index``), the "forgetting"
+            case the paper's propagation fixes.
     """
 
     reference_control: bool = True
@@ -71,6 +75,7 @@ class DenoiseSettings:
     start_layer: int = 10
     total_steps: int = 50
     end_step: int = 0
+    propagate: bool = True
 
 
 def denoise(unet, latents: torch.Tensor, text: torch.Tensor, schedule: DDIMSchedule,
@@ -86,7 +91,8 @@ def denoise(unet, latents: torch.Tensor, text: torch.Tensor, schedule: DDIMSched
     """
     n = schedule.num_inference_steps
     predictor = NoisePredictor(unet, text, uncond, guidance, bottleneck,
-                               bottleneck_until=lambda i: i < n - settings.end_step,
+                               bottleneck_until=lambda i: i < n - settings.end_step and (
+                                   settings.propagate or i == start_index),
                                bottleneck_feature=bottleneck_feature)
     eps_fn = predictor if predictor_hook is None else predictor_hook(predictor)
     ctx = nullcontext(None)
@@ -117,24 +123,6 @@ class EditResult:
     timings: dict[str, float]
     lora_path: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-class StageTimer:
-    """Wall-clock seconds per named stage (synchronising CUDA so GPU time is counted)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        yield
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
 
 
 def edit_result(image: np.ndarray, handles: torch.Tensor, targets: torch.Tensor,
@@ -223,9 +211,11 @@ class LatentDragMethod:
 
     def edit(self, sample: DragSample, models, callbacks: list, *, lora_dir: str | Path,
              precision: str = "32-true", progress: bool = True,
-             lora_callbacks: list | tuple = ()) -> EditResult:
+             lora_callbacks: list | tuple = (), speed: SpeedSettings | None = None) -> EditResult:
         """Edit one sample; ``callbacks`` are the drag callbacks (tracking, stop, recorder);
-        ``lora_callbacks`` extra Lightning callbacks of the LoRA fit (e.g. a progress display)."""
+        ``lora_callbacks`` extra Lightning callbacks of the LoRA fit (e.g. a progress display);
+        ``speed`` the fast path's switches (:mod:`dragexp.speed`; faithful by default)."""
+        speed = speed or SpeedSettings()
         timer = StageTimer()
         device = models.device
         H, W = sample.image.shape[:2]
@@ -247,7 +237,7 @@ class LatentDragMethod:
         with timer("lora"):
             if self.lora["steps"] > 0:
                 lora_path = self._lora(sample, prompt, models, text, lora_dir, precision, progress,
-                                       lora_callbacks)
+                                       lora_callbacks, prefetch=speed.lora_prefetch)
         image = torch.from_numpy(sample.image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
         with timer("encode"), torch.no_grad():
             latent0 = models.encode_image(image.to(device, models.vae.dtype)).float()
@@ -260,7 +250,8 @@ class LatentDragMethod:
         recorder = next((c for c in callbacks if hasattr(c, "losses")), None)
         module = DragOptimisation(models.unet, self.make_target(), z_t, t, text,
                                   handles, targets, mask_sup, self.schedule, self.feature_idx,
-                                  self.objective, self.lr, self.n_pix_step)
+                                  self.objective, self.lr, self.n_pix_step,
+                                  reuse_initial_forward=speed.reuse_initial_forward)
         with timer("optimisation"):
             try:
                 fit_drag(module, callbacks, precision=precision, progress=progress)
@@ -268,12 +259,16 @@ class LatentDragMethod:
                 _disable_lora(models.unet)
                 raise BorderError(f"sample {sample.name!r}: {exc}") from exc
         edited, bottleneck = module.target.outcome(module)
+        # Without reference control the reference branch [0] never reaches the edited one [1];
+        # the fast path drops it (the authors' code denoises both).
+        batch = edited if speed.single_branch and not self.denoise_settings.reference_control \
+            else torch.cat([z_t, edited])
         with timer("denoising"), autocast:
-            out = denoise(models.unet, torch.cat([z_t, edited]), text, self.schedule, start,
+            out = denoise(models.unet, batch, text, self.schedule, start,
                           self.denoise_settings, bottleneck=bottleneck,
                           bottleneck_feature=getattr(module.target, "feature", 0))
         with timer("decode"):
-            img = models.decode(out[1:2].to(models.vae.dtype)).float()
+            img = models.decode(out[-1:].to(models.vae.dtype)).float()
             img = F.interpolate(img, size=(H, W), mode="bilinear", align_corners=False)
             result = ((img[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
         if lora_path is not None:
@@ -296,11 +291,14 @@ class LatentDragMethod:
                     "where the authors' DragNoise code crashes; set method.tracker_border=clip "
                     "to clip the windows and continue")
 
-    def _lora(self, sample, prompt, models, text, lora_dir, precision, progress, callbacks=()):
+    def _lora(self, sample, prompt, models, text, lora_dir, precision, progress, callbacks=(),
+              prefetch: bool = False):
         from ..lora import lora_cache_key
         from ..modules.lora_finetune import train_lora
 
         settings = dict(self.lora, resolution=int(models.resolution), seed=self.seed)
+        if precision not in ("32", "32-true") or prefetch:   # keys of fp32 runs stay as they were
+            settings.update(precision=precision, prefetch=bool(prefetch))
         key = lora_cache_key(sample.image, prompt, models.source, settings)
         return train_lora(models.unet, models.vae, text, sample.image, out_dir=lora_dir,
                           cache_key=key, progress=progress, callbacks=list(callbacks),
@@ -308,7 +306,7 @@ class LatentDragMethod:
                           scaling_factor=models.scaling_factor, rank=self.lora["rank"],
                           lr=self.lora["lr"], steps=self.lora["steps"],
                           batch_size=self.lora["batch_size"], resolution=int(models.resolution),
-                          seed=self.seed)
+                          seed=self.seed, prefetch=prefetch)
 
 
 def _autocast(precision: str, device: torch.device):

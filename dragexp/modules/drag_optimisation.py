@@ -208,7 +208,7 @@ class DragOptimisation(L.LightningModule):
                  text_embedding: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
                  mask: torch.Tensor, schedule: DDIMSchedule, feature_idx=(3,),
                  objective: DragObjective | None = None, lr: float = 0.01, n_steps: int = 80,
-                 compose_features=None):
+                 compose_features=None, reuse_initial_forward: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.unet = unet
@@ -236,6 +236,10 @@ class DragOptimisation(L.LightningModule):
         self.features_init: torch.Tensor | None = None
         self.x_prev_init: torch.Tensor | None = None
         self.eps_init: torch.Tensor | None = None
+        # The fast path (speed.reuse_initial_forward): step 0 runs on the initial value, so its
+        # forward already gives F0; a target whose F0 forward differs (EasyDrag) cannot.
+        self.reuse_initial_forward = bool(reuse_initial_forward) and \
+            not hasattr(target, "initial_forward")
 
     # -- the forward pass -----------------------------------------------------------------
     def drag_forward(self, param: torch.Tensor, initial: bool = False
@@ -258,6 +262,8 @@ class DragOptimisation(L.LightningModule):
         return trainer.precision_plugin.forward_context() if trainer is not None else torch.no_grad()
 
     def on_train_start(self) -> None:
+        if self.reuse_initial_forward:
+            return
         with torch.no_grad(), self._precision_context():
             self.eps_init, self.features_init, self.x_prev_init = self.drag_forward(self.param,
                                                                                     initial=True)
@@ -278,6 +284,10 @@ class DragOptimisation(L.LightningModule):
     def training_step(self, batch, batch_idx):
         step = int(batch)
         eps, features, x_prev = self.drag_forward(self.param)
+        if self.features_init is None:
+            self.eps_init = eps.detach()
+            self.features_init = features.detach().float()
+            self.x_prev_init = x_prev.detach().float()
         state = DragState(step=step, features=features, features_init=self.features_init,
                           handles=self.handles.clone(), handles_init=self.handles_init,
                           targets=self.targets, eps=eps, x_prev=x_prev, mask=self.mask,

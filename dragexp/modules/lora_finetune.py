@@ -32,9 +32,10 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from ..augment import lora_views
+from ..augment import crop_offsets, lora_views, resize_shorter, to_model_range
 from ..lora import (LORA_WEIGHT_NAME, add_lora, has_lora, load_lora, lora_parameters,
                     lora_state_dict, save_lora)
 from ..schedule import sd_alphas_cumprod
@@ -215,12 +216,18 @@ class LoRAFineTune(L.LightningModule):
         batch_size: views per step.
         resolution: resize/crop size of the views (the model's resolution).
         draws: source of random numbers; default :class:`RandomDraws` with seed 0.
+        prefetch: the fast path (``speed.lora_prefetch``, :class:`RandomDraws` only): every
+            step's draws are made up front in the order the steps would make them (so the
+            values are the same), each distinct augmented view is encoded once (a view is a
+            crop of the one resized image; its posterior mean and std do not change), and no
+            per-step loss is logged: a step then makes no host round trip.
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_embedding: torch.Tensor,
                  image: np.ndarray, scaling_factor: float = 0.18215, rank: int = 16,
                  lr: float = 5e-4, weight_decay: float = 1e-2, steps: int = 80,
-                 batch_size: int = 4, resolution: int = 512, draws: Draws | None = None):
+                 batch_size: int = 4, resolution: int = 512, draws: Draws | None = None,
+                 prefetch: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.unet = unet
@@ -239,6 +246,11 @@ class LoRAFineTune(L.LightningModule):
         self.draws = draws if draws is not None else RandomDraws(0)
         self.last_step: dict[str, torch.Tensor] = {}
         self.final_lora_state: dict[str, torch.Tensor] | None = None
+        self.prefetch = bool(prefetch)
+        if self.prefetch and type(self.draws) is not RandomDraws:
+            raise ValueError("LoRA prefetch replays RandomDraws' sequence; "
+                             f"got {type(self.draws).__name__}")
+        self._fetched: dict[str, torch.Tensor] = {}
 
     # data --------------------------------------------------------------------------------
     def train_dataloader(self):
@@ -261,12 +273,60 @@ class LoRAFineTune(L.LightningModule):
             sample = self.draws.posterior(dist)
         return sample.to(self.device, torch.float32) * self.scaling_factor
 
+    def on_train_start(self) -> None:
+        if self.prefetch:
+            self._fetched = self._prefetch()
+
+    def _prefetch(self) -> dict[str, torch.Tensor]:
+        """All steps' draws (crop, posterior, noise, timesteps per step, as a step draws them)
+        and the posterior moments of each distinct view, on the device."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        resized = np.asarray(resize_shorter(Image.fromarray(self.image), self.resolution))
+        h, w = resized.shape[:2]
+        size, vae_dtype = self.resolution, _module_dtype(self.vae)
+        latent_hw = (size // 8, size // 8)
+        # A posterior with mean 0 and std 1 on the CPU: its sample is the draw itself.
+        unit = DiagonalGaussianDistribution(
+            torch.zeros(self.batch_size, 8, *latent_hw, dtype=vae_dtype))
+        views: dict[tuple[int, int], int] = {}
+        index, eps, noise, steps_t = [], [], [], []
+        for _ in range(self.steps):
+            offsets = [crop_offsets(h, w, size, self.draws.crop) for _ in range(self.batch_size)]
+            index.append([views.setdefault(o, len(views)) for o in offsets])
+            eps.append(self.draws.posterior(unit))
+            noise.append(self.draws.noise((self.batch_size, 4, *latent_hw)))
+            steps_t.append(self.draws.timesteps(self.batch_size))
+        pixels = torch.stack([to_model_range(resized[t:t + size, l:l + size])
+                              for t, l in views]).to(torch.float16)
+        means, stds = [], []
+        with torch.no_grad():
+            for chunk in pixels.split(8):
+                dist = self.vae.encode(chunk.to(self.device, vae_dtype)).latent_dist
+                means.append(dist.mean)
+                stds.append(dist.std)
+        dev = self.device
+        return dict(index=torch.tensor(index, device=dev), mean=torch.cat(means),
+                    std=torch.cat(stds), eps=torch.stack(eps).to(dev),
+                    noise=torch.stack(noise).to(dev),
+                    timesteps=torch.stack(steps_t).to(dev, torch.long))
+
+    def _prefetched_inputs(self, step: int):
+        f = self._fetched
+        idx = f["index"][step]
+        sample = f["mean"][idx] + f["std"][idx] * f["eps"][step]
+        model_input = sample.to(torch.float32) * self.scaling_factor
+        return model_input, f["noise"][step].to(model_input), f["timesteps"][step]
+
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
         opt.zero_grad()
-        model_input = self.encode_views()
-        noise = self.draws.noise(model_input.shape).to(model_input)
-        t = self.draws.timesteps(model_input.shape[0]).to(self.device, torch.long)
+        if self.prefetch:
+            model_input, noise, t = self._prefetched_inputs(int(batch))
+        else:
+            model_input = self.encode_views()
+            noise = self.draws.noise(model_input.shape).to(model_input)
+            t = self.draws.timesteps(model_input.shape[0]).to(self.device, torch.long)
         noisy = ddpm_add_noise(self.alphas_cumprod, model_input, noise, t)
         dtype = _module_dtype(self.unet)
         emb = self.text_embedding.to(dtype).repeat(model_input.shape[0], 1, 1)
@@ -276,8 +336,9 @@ class LoRAFineTune(L.LightningModule):
         opt.step()
         self.last_step = {"loss": loss.detach(), "noisy_model_input": noisy.detach(),
                           "unet_timesteps": t.detach(), "model_pred": pred.detach()}
-        self.log("lora/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False,
-                 batch_size=model_input.shape[0])
+        if not self.prefetch:   # the progress bar reads the value back: a host sync per step
+            self.log("lora/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False,
+                     batch_size=model_input.shape[0])
         return loss.detach()
 
     def on_train_end(self) -> None:

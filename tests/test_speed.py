@@ -1,0 +1,257 @@
+"""The fast path (dragexp.speed) computes the same edits as the faithful one; the profiler and
+the benchmark count what they claim to count."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dragexp.callbacks import PointTracking, StopWhenReached
+from dragexp.features import concat_then_resize
+from dragexp.lora import add_lora, lora_state_dict
+from dragexp.modules.drag_optimisation import (CosineDragObjective, DragObjective,
+                                               DragOptimisation, fit_drag)
+from dragexp.modules.lora_finetune import LoRAFineTune, RandomDraws, ReplayDraws, fit_lora
+from dragexp.schedule import DDIMSchedule
+from dragexp.speed import FAST, SpeedSettings, apply_to_models
+from dragexp.targets import LatentTarget, ReferenceLatentTarget
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = dict(accelerator="cpu")
+
+
+class _CountCalls:
+    def __init__(self, module):
+        self.batches = []
+        self.handle = module.register_forward_pre_hook(
+            lambda m, args, kwargs: self.batches.append(args[0].shape[0]), with_kwargs=True)
+
+
+def _problem(tiny, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    return z, tiny.encode_prompt("a photo")
+
+
+def test_cached_reference_equals_the_batch_of_two(tiny):
+    """EasyDrag's drag step at batch 1 against recorded reference keys/values computes what the
+    authors' batch [z_t, z_t^orig] with reference attention computes for z_t: the same eps,
+    features and gradient, at half the UNet batch."""
+    z, text = _problem(tiny)
+    h, t = torch.tensor([[30.0, 20.0]]), torch.tensor([[30.0, 44.0]])
+    target = ReferenceLatentTarget(True, cache_reference=True)
+    module = DragOptimisation(tiny.unet, target, z, 681, text, h, t, torch.zeros(1, 1, 64, 64),
+                              DDIMSchedule.sd15_ldm(), [2, 3], CosineDragObjective(), 0.01, 4,
+                              compose_features=concat_then_resize)
+    calls = _CountCalls(tiny.unet)
+    module.on_train_start()                                  # F0, and the recorded reference
+    assert target.reference_kv and calls.batches == [1]
+    param = (z + 0.05 * torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
+             ).requires_grad_()
+    cached = target.forward(module, param)
+    eps_b, feats_b = target.batch_forward(module, param)
+    calls.handle.remove()
+    assert calls.batches == [1, 1, 2]
+    # batch 1 and batch 2 convolutions round differently (~1e-5); plain attention is far off
+    assert (cached[0] - eps_b[:1]).abs().max() < 1e-4
+    assert (cached[0] - target._run(module, param)[0]).abs().max() > 1e-3
+    for a, b in zip(cached[1], feats_b):
+        assert (a - b[:1]).abs().max() < 1e-4
+    g_cached, = torch.autograd.grad(cached[1][0].square().sum(), param)
+    g_batch, = torch.autograd.grad(feats_b[0][:1].square().sum(), param)
+    assert (g_cached - g_batch).abs().max() < 1e-4 * g_batch.abs().max()
+
+
+def test_reused_initial_forward_saves_one_forward_and_changes_nothing(tiny):
+    z, text = _problem(tiny, 1)
+    h, t = torch.tensor([[10.0, 8.0]]), torch.tensor([[10.0, 24.0]])
+    runs = {}
+    for reuse in (False, True):
+        calls = _CountCalls(tiny.unet)
+        module = DragOptimisation(tiny.unet, LatentTarget(), z, 681, text, h, t,
+                                  torch.zeros(1, 1, 32, 32), DDIMSchedule.sd15(), [3],
+                                  DragObjective(), 0.01, 5, reuse_initial_forward=reuse)
+        fit_drag(module, [PointTracking(), StopWhenReached()], progress=False, **CPU)
+        calls.handle.remove()
+        runs[reuse] = (module.result, len(calls.batches), module.handles.clone())
+    assert runs[False][1] == 6 and runs[True][1] == 5
+    assert torch.equal(runs[True][2], runs[False][2])
+    assert torch.allclose(runs[True][0], runs[False][0], atol=1e-7, rtol=0)
+
+
+def _image(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (64, 64)])
+def test_prefetched_lora_steps_equal_the_faithful_ones(tiny, shape):
+    """Same draws in the same order, each distinct view encoded once: the same LoRA."""
+    emb = tiny.encode_prompt("a cat")
+    finals, losses = {}, {}
+    for prefetch in (False, True):
+        unet = copy.deepcopy(tiny.unet)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            add_lora(unet, rank=4)
+        module = LoRAFineTune(unet, tiny.vae, emb, _image(*shape), rank=4, lr=1e-2, steps=3,
+                              batch_size=2, resolution=64, draws=RandomDraws(5),
+                              prefetch=prefetch)
+        seen = []
+        step = module.training_step
+
+        def record(batch, idx, step=step, seen=seen):
+            out = step(batch, idx)
+            seen.append(float(out))
+            return out
+
+        module.training_step = record
+        fit_lora(module, progress=False, trainer_kwargs=CPU)
+        finals[prefetch], losses[prefetch] = lora_state_dict(unet), seen
+    if shape == (64, 96):
+        assert 1 < module._fetched["mean"].shape[0] <= 6    # distinct crops, each encoded once
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5, atol=1e-7)
+    # the VAE sees the views in other batches (rounding ~1e-7), which AdamW's normalised first
+    # steps can turn into ~lr-sized moves of weights whose gradient is ~0
+    worst = max(float((finals[True][k] - v).abs().max()) for k, v in finals[False].items())
+    assert worst < 1e-3                                         # a tenth of one lr step
+
+
+def test_prefetch_refuses_replayed_draws(tiny):
+    with pytest.raises(ValueError, match="RandomDraws"):
+        LoRAFineTune(copy.deepcopy(tiny.unet), tiny.vae, tiny.encode_prompt("a"), _image(64, 64),
+                     draws=ReplayDraws(crops=[0]), prefetch=True)
+
+
+def test_single_branch_denoising_equals_the_edited_branch(tiny):
+    """Without reference control (DragNoise) the reference branch never reaches the edited
+    one, so denoising the edited latent alone gives the same result."""
+    from dragexp.methods.latent_drag import DenoiseSettings, denoise
+
+    z, text = _problem(tiny, 2)
+    edited = z + 0.1
+    sched = DDIMSchedule.sd15()
+    settings = DenoiseSettings(reference_control=False, end_step=40)
+    bottleneck = torch.randn(1, *tiny.unet.mid_block.resnets[-1].conv2.weight.shape[:1], 2, 2)
+    with torch.no_grad():
+        both = denoise(tiny.unet, torch.cat([z, edited]), text, sched, 45, settings,
+                       bottleneck=bottleneck)
+        alone = denoise(tiny.unet, edited, text, sched, 45, settings, bottleneck=bottleneck)
+    assert torch.allclose(alone, both[1:], atol=1e-5)
+
+
+def test_speed_settings_from_config_and_model_preparation(tiny):
+    assert SpeedSettings.from_config(None) == SpeedSettings()
+    with pytest.raises(ValueError, match="cache_refernce"):
+        SpeedSettings.from_config({"cache_refernce": True})
+    models = copy.deepcopy(tiny)
+    apply_to_models(models, FAST)
+    conv = models.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    apply_to_models(models, SpeedSettings())
+    assert models.unet.conv_in.weight.is_contiguous()
+
+
+def test_configs_speed_compose():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        default = compose("train")
+        fast = compose("train", overrides=["speed=fast_compiled"])
+    assert SpeedSettings.from_config(default.speed) == SpeedSettings()
+    s = SpeedSettings.from_config(fast.speed)
+    assert s.compile and s.cache_reference and s.precision == "bf16-mixed"
+
+
+# -- profiling ---------------------------------------------------------------------------------
+
+def test_flop_sum_counts_convolutions_matmuls_and_cpu_attention():
+    from dragexp.profiling import count_flops
+
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3)
+    q = torch.randn(1, 2, 16, 8)
+    with count_flops() as c:
+        torch.nn.functional.conv2d(x, w, padding=1)
+    assert c.get_total_flops() == 2 * 5 * 3 * 9 * 64
+    with count_flops() as c:
+        torch.randn(4, 6) @ torch.randn(6, 7)
+    assert c.get_total_flops() == 2 * 4 * 6 * 7
+    with count_flops() as c:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert c.get_total_flops() == 2 * (2 * 2 * 16 * 16 * 8)     # QK^T and AV
+
+
+def test_stage_probe_sees_every_timed_stage():
+    from dragexp.profiling import StageProbe
+    from dragexp.stages import StageTimer, observe_stages
+
+    timer, probe = StageTimer(), StageProbe(count=True)
+    with observe_stages(probe):
+        with timer("inversion"):
+            torch.randn(8, 8) @ torch.randn(8, 8)
+        with timer("inversion"):
+            torch.randn(8, 8) @ torch.randn(8, 8)
+    with timer("decode"):   # after the block: not observed
+        pass
+    assert set(probe.stages) == {"inversion"} and set(timer.seconds) == {"inversion", "decode"}
+    assert probe.stages["inversion"].flops == 2 * 2 * 8 ** 3
+
+
+@pytest.mark.slow
+def test_bench_script_writes_its_table(tmp_path, capsys):
+    """scripts/bench.py: both settings, every stage, forward-equivalents, one JSON."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "b.json"
+    report = bench.main(["method=dragnoise", "bench.quick=true", "method.lora_steps=2",
+                         "method.n_pix_step=3", "method.n_inference_step=10",
+                         "data.size=[64,64]", f"bench.json={out}"])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    res = saved["methods"]["dragnoise"]
+    for name in ("faithful", "fast"):
+        stages = res["settings"][name]["stages"]
+        assert {"model load", "lora", "inversion", "optimisation", "denoising", "decode",
+                "total"} <= set(stages)
+        # 7 inversion steps; the LoRA adapter adds its own FLOPs (a lot on the tiny model)
+        assert 7 <= stages["inversion"]["unet_forward_equivalents"] < 7 * 1.3
+        assert stages["total"]["seconds"] >= stages["lora"]["seconds"] > 0
+    faithful, fast = (res["settings"][n]["stages"]["denoising"]["unet_forward_equivalents"]
+                      for n in ("faithful", "fast"))
+    assert fast == pytest.approx(faithful / 2, rel=0.02)     # the dropped reference branch
+    assert res["difference"]["max_pixel_difference"] <= 2
+    printed = capsys.readouterr().out
+    assert "faithful/fast seconds" in printed and "fwd-eq" in printed
+
+
+def test_batched_reference_guidance_equals_the_two_calls(tiny):
+    """EasyDrag's guided step: one call on [x, x, ref] gives what [x, ref] and x give apart."""
+    from dragexp.sampling import ReferenceAttentionUNet, ReferenceGuidance
+
+    g = torch.Generator().manual_seed(4)
+    latents = [torch.randn(1, 4, 8, 8, generator=g) for _ in range(51)]
+    cond, uncond = tiny.encode_prompt("a cat"), tiny.encode_prompt("blurry")
+    model = ReferenceAttentionUNet(tiny.unet)
+    x = latents[30] + 0.1
+    out = {}
+    for batched in (False, True):
+        calls = _CountCalls(tiny.unet)
+        pred = ReferenceGuidance(model, cond, uncond, 4.0, latents, ref_start_step=20,
+                                 batched=batched)
+        with torch.no_grad():
+            out[batched] = pred(x, 381, 30)          # loop index 19 < 20: guided
+        calls.handle.remove()
+        assert calls.batches == ([3] if batched else [2, 1])
+    assert (out[True] - out[False]).abs().max() < 1e-4
+    with torch.no_grad():                            # and it is not the unguided prediction
+        plain = ReferenceGuidance(model, cond, uncond, 4.0, latents, enabled=False)(x, 381, 30)
+    assert (out[True] - plain).abs().max() > 1e-3
