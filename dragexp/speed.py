@@ -6,7 +6,8 @@ authors' own GPU precision). ``fast`` changes only how the same edit is computed
 
 * ``precision``: bf16 autocast on CUDA (base weights bf16, optimised tensors and LoRA fp32);
   on the CPU every setting runs fp32 (FRAMEWORK.md, Lightning).
-* ``channels_last``: UNet and VAE convolutions in NHWC, what cuDNN's fast kernels want.
+* ``channels_last``: UNet and VAE convolutions in NHWC, what cuDNN's fast kernels want
+  (with cuDNN's autotuner on).
 * ``compile``: ``torch.compile`` of the UNet's ResNet blocks (the blocks no hook, processor
   swap or LoRA adapter touches, so drag hooks and reference control stay eager). Off in
   ``fast`` by default: see the README's speed section for where it pays.
@@ -85,6 +86,8 @@ def apply_to_models(models, settings: SpeedSettings):
     can benchmark both settings on the same weights.
     """
     fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
+    # cuDNN's autotuner picks the NHWC kernels; the faithful setting keeps the default choice.
+    torch.backends.cudnn.benchmark = settings.channels_last
     for m in (models.unet, models.vae):
         m.to(memory_format=fmt)
     if settings.compile:

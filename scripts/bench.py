@@ -170,7 +170,6 @@ def bench_method(method: str, opts: dict, overrides: list[str], master, load_s: 
             t0 = time.perf_counter()
             models = copy.deepcopy(master).to(device, dtype)
             apply_to_models(models, speed)
-            torch.backends.cudnn.benchmark = speed.channels_last
             to_device_s = time.perf_counter() - t0
             text = models.encode_prompt(sample.prompt)
             h, w = sample.image.shape[:2]

@@ -154,8 +154,10 @@ def test_speed_settings_from_config_and_model_preparation(tiny):
     apply_to_models(models, FAST)
     conv = models.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert torch.backends.cudnn.benchmark
     apply_to_models(models, SpeedSettings())
     assert models.unet.conv_in.weight.is_contiguous()
+    assert not torch.backends.cudnn.benchmark
 
 
 def test_configs_speed_compose():
