@@ -68,13 +68,6 @@ class SpeedSettings:
         return cls(**values)
 
 
-FAITHFUL = SpeedSettings()
-FAST = SpeedSettings(name="fast", precision="bf16-mixed", channels_last=True,
-                     reuse_initial_forward=True, cache_reference=True, batch_guidance=True,
-                     single_branch=True,
-                     lora_prefetch=True)
-
-
 def _resnet_blocks(unet: nn.Module) -> list[nn.Module]:
     return [m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]
 

@@ -108,7 +108,8 @@ def quick_overrides(cfg) -> list[str]:
     if "inversion_strength" in m or "n_actual_inference_step" in m:
         out.append("method.n_inference_step=20")
     if "n_actual_inference_step" in m:
-        out.append(f"method.n_actual_inference_step={round(int(m.n_actual_inference_step) * 20 / int(m.n_inference_step))}")
+        n_actual = round(int(m.n_actual_inference_step) * 20 / int(m.n_inference_step))
+        out.append(f"method.n_actual_inference_step={n_actual}")
     return out
 
 
@@ -158,7 +159,8 @@ def bench_method(method: str, opts: dict, overrides: list[str], master, load_s: 
     if flops == "auto":
         flops = "timed" if quick and device.type != "cuda" and not warmup else "separate"
     if flops not in ("separate", "timed", "off"):
-        raise SystemExit(f"bench.py: bench.flops must be auto, separate, timed or off, got {flops!r}")
+        raise SystemExit(f"bench.py: bench.flops must be auto, separate, timed or off, "
+                         f"got {flops!r}")
     out = dict(method=method, sample=sample.name, image_hw=list(sample.image.shape[:2]),
                warmup=warmup, flops_counted=flops, quick=quick, settings={})
     images = {}
@@ -178,7 +180,8 @@ def bench_method(method: str, opts: dict, overrides: list[str], master, load_s: 
                      for b in (1, 2)}
             counted = None
             if warmup or flops == "separate":
-                counted = run_pass(cfg, models, sample, speed, precision, count=flops == "separate")[1]
+                counted = run_pass(cfg, models, sample, speed, precision,
+                                   count=flops == "separate")[1]
             result, stages = run_pass(cfg, models, sample, speed, precision, count=flops == "timed")
             counted = stages if flops == "timed" else counted or {}
             peak, peak_source = device_peak(device, precision)
@@ -245,7 +248,8 @@ def _fmt_bytes(n: int) -> str:
 def print_method(res: dict, device_label: str) -> None:
     print(f"\n== {res['method']} on {device_label}: sample {res['sample']} "
           f"{res['image_hw'][0]}x{res['image_hw'][1]}, warm-up pass: {res['warmup']}, "
-          f"FLOPs counted: {res['flops_counted']}{', QUICK (steps capped)' if res['quick'] else ''}")
+          f"FLOPs counted: {res['flops_counted']}"
+          f"{', QUICK (steps capped)' if res['quick'] else ''}")
     for name, s in res["settings"].items():
         if "error" in s:
             print(f"-- {name} ({s['precision']}): FAILED: {s['error']}")

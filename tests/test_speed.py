@@ -20,7 +20,7 @@ from dragexp.modules.drag_optimisation import (CosineDragObjective, DragObjectiv
                                                DragOptimisation, fit_drag)
 from dragexp.modules.lora_finetune import LoRAFineTune, RandomDraws, ReplayDraws, fit_lora
 from dragexp.schedule import DDIMSchedule
-from dragexp.speed import FAST, SpeedSettings, apply_to_models
+from dragexp.speed import SpeedSettings, apply_to_models
 from dragexp.targets import LatentTarget, ReferenceLatentTarget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_speed_settings_from_config_and_model_preparation(tiny):
     with pytest.raises(ValueError, match="cache_refernce"):
         SpeedSettings.from_config({"cache_refernce": True})
     models = copy.deepcopy(tiny)
-    apply_to_models(models, FAST)
+    apply_to_models(models, SpeedSettings(channels_last=True))
     conv = models.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
     assert torch.backends.cudnn.benchmark

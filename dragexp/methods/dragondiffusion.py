@@ -112,6 +112,17 @@ def _start(inv: Sequence[torch.Tensor], init_latent: torch.Tensor | None) -> tor
     return init_latent.to(inv[-1]).clone()
 
 
+def _guided_sampling(unet, latent_in, cond, uncond, schedule: DDIMSchedule, params: DragonParams,
+                     guidance, controller, sde_mask, emb_im, emb_im_uncond, trace, timer):
+    """The guided sampling every task ends with (:func:`dragon_edit` with the task's guidance
+    and SDE mask), timed as the denoising stage."""
+    with timer("denoising"):
+        return dragon_edit(unet, latent_in, cond, uncond, schedule, params.plan, guidance,
+                           controller, params.guidance_scale, params.energy_scale,
+                           params.sde_strength, params.sde_strength_un, sde_mask, emb_im,
+                           emb_im_uncond, trace=trace)
+
+
 def run_drag(unet, latent0, cond, uncond, points_xy, mask_upload: np.ndarray,
              working_hw: tuple[int, int], input_scale: float, params: DragonParams, estimator,
              schedule: DDIMSchedule, controller: DragonAttentionControl | None = None,
@@ -144,11 +155,8 @@ def run_drag(unet, latent0, cond, uncond, points_xy, mask_upload: np.ndarray,
                              inpaint=params.inpainting_guidance)
 
     sde_mask = latent_mask(regions.mask_x0, latent_in.shape[-2:])
-    with timer("denoising"):
-        final = dragon_edit(unet, latent_in, cond, uncond, schedule, params.plan, guidance,
-                            controller, params.guidance_scale, params.energy_scale,
-                            params.sde_strength, params.sde_strength_un, sde_mask, emb_im,
-                            emb_im_uncond, trace=trace)
+    final = _guided_sampling(unet, latent_in, cond, uncond, schedule, params, guidance,
+                             controller, sde_mask, emb_im, emb_im_uncond, trace, timer)
     return dict(final=final, inversion=inv, regions=regions, z_T=z_T)
 
 
@@ -179,11 +187,8 @@ def run_move(unet, latent0, cond, uncond, mask_upload: np.ndarray, working_hw, i
     m = nearest(regions.mask_x0, regions.mask_cur.shape[-2:]) > 0.5
     m = (regions.mask_cur.float() + m.float()) > 0.5
     sde_mask = (nearest(m, latent_in.shape[-2:]) > 0.5).to(latent_in.dtype)
-    with timer("denoising"):
-        final = dragon_edit(unet, latent_in, cond, uncond, schedule, params.plan, guidance,
-                            controller, params.guidance_scale, params.energy_scale,
-                            params.sde_strength, params.sde_strength_un, sde_mask, emb_im,
-                            emb_im_uncond, trace=trace)
+    final = _guided_sampling(unet, latent_in, cond, uncond, schedule, params, guidance,
+                             controller, sde_mask, emb_im, emb_im_uncond, trace, timer)
     return dict(final=final, inversion=inv, regions=regions)
 
 
@@ -222,11 +227,8 @@ def run_blend(task: str, unet, latent_base, latent_replace, cond, cond_replace, 
                   regions, params.energy_scale, params.w_edit, params.w_content, params.up_scale)
 
     sde_mask = latent_mask(regions.mask_base_cur, latent_in.shape[-2:])
-    with timer("denoising"):
-        final = dragon_edit(unet, latent_in, cond, uncond, schedule, params.plan, guidance,
-                            controller, params.guidance_scale, params.energy_scale,
-                            params.sde_strength, params.sde_strength_un, sde_mask, emb_im,
-                            emb_im_uncond, trace=trace)
+    final = _guided_sampling(unet, latent_in, cond, uncond, schedule, params, guidance,
+                             controller, sde_mask, emb_im, emb_im_uncond, trace, timer)
     return dict(final=final, inversion=inv, regions=regions)
 
 
