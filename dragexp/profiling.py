@@ -1,10 +1,17 @@
-"""Measuring an edit's stages: FLOPs, peak memory, and the device's peak rate (issue 9).
+"""Measuring an edit's stages: FLOPs, kernel launches, peak memory, the device's peak (issue 9).
 
 :class:`StageProbe` is a stage observer (:func:`dragexp.stages.observe_stages`): for every stage
 a :class:`~dragexp.stages.StageTimer` times, it records the FLOPs PyTorch's
 ``FlopCounterMode`` counts (matrix products, convolutions and attention, forward and
-backward; elementwise work is not counted) and the peak memory. ``scripts/bench.py`` turns
-these into UNet forward-equivalents, achieved TFLOP/s and the share of the device's peak.
+backward; elementwise work is not counted), the number of dispatched ops that launch a kernel
+(:data:`NO_KERNEL` lists the ones that only make views), and the peak memory.
+``scripts/bench.py`` turns these into UNet forward-equivalents, achieved TFLOP/s, the share of
+the device's peak, and launches.
+
+Launches matter because at 512 px a batch-1 UNet call does not fill an H100: the measured
+forward took the same 29 ms at batch 1 and 2 (docs/benchmarks/h100_*.json), so an eager GPU
+edit costs about its number of kernel launches times a fixed per-launch price, whatever the
+FLOPs. The count is device-independent, so the CPU benchmark measures it too.
 """
 
 from __future__ import annotations
@@ -48,21 +55,35 @@ def _register_cpu_attention_flops() -> None:
 _register_cpu_attention_flops()
 
 
+# Dispatched ops that only make a view, reshape metadata or allocate: no kernel runs.
+NO_KERNEL = frozenset({
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand",
+    "unsqueeze", "squeeze", "slice", "select", "split", "split_with_sizes", "chunk", "unbind",
+    "as_strided", "alias", "detach", "lift_fresh", "empty", "empty_like", "empty_strided",
+})
+
+
 class FlopSum(TorchDispatchMode):
-    """Sums PyTorch's registered FLOP formulas over every op run inside the block.
+    """Sums PyTorch's registered FLOP formulas over every op run inside the block, and counts
+    the ops that launch a kernel (``launches``).
 
     The same formulas as ``FlopCounterMode`` without its per-module bookkeeping, which costs
     several times the run itself on a small model; ``get_total_flops()`` after the block.
+    A dispatched op is a proxy for a launch: a few CUDA ops launch more than one kernel.
     """
 
     def __init__(self):
         super().__init__()
         self.total = 0
+        self.launches = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_counter.flop_registry.get(func._overloadpacket)
+        packet = func._overloadpacket
+        if packet.__name__ not in NO_KERNEL:
+            self.launches += 1
+        formula = flop_counter.flop_registry.get(packet)
         if formula is not None:
             self.total += int(formula(*args, **kwargs, out_val=out))
         return out
@@ -79,6 +100,7 @@ def count_flops() -> FlopSum:
 class StageRecord:
     seconds: float = 0.0
     flops: int = 0
+    launches: int = 0
     peak_bytes: int = 0          # CUDA: max allocated during the stage; CPU: process peak RSS
 
 
@@ -105,18 +127,20 @@ class StageProbe:
         rec.seconds += time.perf_counter() - t0
         if self.count:
             rec.flops += int(counter.get_total_flops())
+            rec.launches += counter.launches
         peak = torch.cuda.max_memory_allocated() if cuda else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         rec.peak_bytes = max(rec.peak_bytes, int(peak))
 
 
-def unet_forward_flops(unet, latent_hw: tuple[int, int], text: torch.Tensor) -> int:
-    """FLOPs of one batch-1 UNet forward at ``latent_hw``: the unit of forward-equivalents."""
+def unet_forward_work(unet, latent_hw: tuple[int, int], text: torch.Tensor) -> tuple[int, int]:
+    """(FLOPs, kernel launches) of one batch-1 no-grad UNet forward at ``latent_hw``, as the
+    UNet is now (adapters, processors): the units of forward-equivalents."""
     p = next(unet.parameters())
     x = torch.zeros(1, unet.config.in_channels, *latent_hw, device=p.device, dtype=p.dtype)
     with torch.no_grad(), count_flops() as counter:
         unet(x, 500, encoder_hidden_states=text.to(p), return_dict=False)
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()), counter.launches
 
 
 def unet_forward_seconds(unet, latent_hw: tuple[int, int], text: torch.Tensor, batch: int = 1,

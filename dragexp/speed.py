@@ -19,6 +19,11 @@ authors' own GPU precision). ``fast`` changes only how the same edit is computed
   with the negative prompt; reading the reference) in one UNet call on ``[x, x, ref]``.
 * ``single_branch``: denoising without reference control (DragNoise) drops the reference
   branch whose output is never used.
+* ``merge_lora``: after LoRA training, inversion, drag and denoising run with the LoRA folded
+  into the base weights (:func:`dragexp.lora.merged_lora`): a LoRA UNet forward launches as
+  many kernels as a plain one (725 instead of 1238 at SD-1.5's topology), which is what an
+  eager batch-1 UNet call on a GPU pays for. In fp16/bf16 the fold rounds ``s B A`` to the
+  weights' precision.
 * ``lora_prefetch``: LoRA training draws every step's random numbers up front (the same
   sequence), encodes each distinct augmented view once, and logs no per-step loss, so a step
   makes no host round trip.
@@ -51,6 +56,7 @@ class SpeedSettings:
     cache_reference: bool = False
     batch_guidance: bool = False
     single_branch: bool = False
+    merge_lora: bool = False
     lora_prefetch: bool = False
 
     @classmethod

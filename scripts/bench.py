@@ -26,7 +26,9 @@ For each method and setting it prints one row per stage (model load, LoRA, encod
 optimisation, denoising / sampling, decode, total): seconds, FLOPs in UNet forward-equivalents
 (one batch-1 forward at the working size; a backward counts about two), achieved TFLOP/s and
 its share of the device's peak (datasheet peak on NVIDIA GPUs, the measured fp32
-matrix-product rate on a CPU), and peak memory (CUDA: allocated during the stage; CPU: the
+matrix-product rate on a CPU), kernel launches (dispatched ops that run a kernel; an eager
+GPU edit at 512 px costs about launches x a fixed price, see ``dragexp.profiling``), and peak
+memory (CUDA: allocated during the stage; CPU: the
 process's peak resident size so far). Then the fast/faithful time ratio per stage and the
 difference of the two edited images (max pixel difference, LPIPS when the AlexNet weights are
 on disk). The same figures go to the JSON file.
@@ -146,7 +148,7 @@ def settings_for(name: str, device: torch.device, method: str, overrides: list[s
 def bench_method(method: str, opts: dict, overrides: list[str], master, load_s: float,
                  device: torch.device) -> dict:
     from dragexp.experiment import resolve_precision
-    from dragexp.profiling import device_peak, unet_forward_flops, unet_forward_seconds
+    from dragexp.profiling import device_peak, unet_forward_seconds, unet_forward_work
     from dragexp.speed import apply_to_models
 
     cfg = compose(method, overrides)
@@ -175,7 +177,7 @@ def bench_method(method: str, opts: dict, overrides: list[str], master, load_s: 
             to_device_s = time.perf_counter() - t0
             text = models.encode_prompt(sample.prompt)
             h, w = sample.image.shape[:2]
-            unit = unet_forward_flops(models.unet, (h // 8, w // 8), text)
+            unit, unit_launches = unet_forward_work(models.unet, (h // 8, w // 8), text)
             fwd_s = {b: unet_forward_seconds(models.unet, (h // 8, w // 8), text, b, precision)
                      for b in (1, 2)}
             counted = None
@@ -185,12 +187,16 @@ def bench_method(method: str, opts: dict, overrides: list[str], master, load_s: 
             result, stages = run_pass(cfg, models, sample, speed, precision, count=flops == "timed")
             counted = stages if flops == "timed" else counted or {}
             peak, peak_source = device_peak(device, precision)
-            rows = {"model load": dict(seconds=load_s + to_device_s, flops=0, peak_bytes=0)}
+            rows = {"model load": dict(seconds=load_s + to_device_s, flops=0, launches=0,
+                                       peak_bytes=0)}
             for stage, rec in stages.items():
+                work = counted.get(stage, rec)
                 rows[stage] = dict(seconds=result.timings.get(stage, rec.seconds),
-                                   flops=counted.get(stage, rec).flops, peak_bytes=rec.peak_bytes)
+                                   flops=work.flops, launches=work.launches,
+                                   peak_bytes=rec.peak_bytes)
             rows["total"] = dict(seconds=sum(r["seconds"] for r in rows.values()),
                                  flops=sum(r["flops"] for r in rows.values()),
+                                 launches=sum(r["launches"] for r in rows.values()),
                                  peak_bytes=max(r["peak_bytes"] for r in rows.values()))
             for r in rows.values():
                 r["unet_forward_equivalents"] = r["flops"] / unit if unit else None
@@ -199,6 +205,7 @@ def bench_method(method: str, opts: dict, overrides: list[str], master, load_s: 
             out["settings"][name] = dict(
                 precision=precision, speed=speed.__dict__, stages=rows, num_steps=result.num_steps,
                 stopped_early=result.stopped_early, unet_forward_flops=unit,
+                unet_forward_launches=unit_launches,
                 unet_forward_seconds={f"batch{b}": v for b, v in fwd_s.items()}, peak_tflops=peak,
                 peak_source=peak_source)
         except Exception as exc:   # keep the other settings' and methods' figures
@@ -255,14 +262,15 @@ def print_method(res: dict, device_label: str) -> None:
             print(f"-- {name} ({s['precision']}): FAILED: {s['error']}")
             continue
         print(f"-- {name} ({s['precision']}), {s['num_steps']} drag steps, "
-              f"1 UNet forward = {s['unet_forward_flops'] / 1e9:.1f} GFLOP; "
+              f"1 UNet forward = {s['unet_forward_flops'] / 1e9:.1f} GFLOP, "
+              f"{s['unet_forward_launches']} launches; "
               f"peak {s['peak_tflops'] and round(s['peak_tflops'], 2)} TFLOP/s "
               f"({s['peak_source']})")
         fs = s["unet_forward_seconds"]
         print(f"   one plain UNet forward (no grad): batch 1 {1000 * fs['batch1']:.1f} ms, "
               f"batch 2 {1000 * fs['batch2']:.1f} ms")
         print(f"   {'stage':<13}{'seconds':>9}{'fwd-eq':>9}{'TFLOP/s':>9}{'%peak':>7}"
-              f"{'peak mem':>12}")
+              f"{'launches':>10}{'peak mem':>12}")
         stages = s["stages"]
         for stage in sorted(stages, key=lambda k: STAGE_ORDER.index(k)
                             if k in STAGE_ORDER else len(STAGE_ORDER) - 1):
@@ -271,7 +279,7 @@ def print_method(res: dict, device_label: str) -> None:
                 f"{r['unet_forward_equivalents']:.1f}"
             share = "-" if r["share_of_peak"] is None else f"{100 * r['share_of_peak']:.1f}"
             print(f"   {stage:<13}{r['seconds']:>9.3f}{fe:>9}{r['tflops_per_s']:>9.3f}"
-                  f"{share:>7}{_fmt_bytes(r['peak_bytes']):>12}")
+                  f"{share:>7}{r['launches']:>10}{_fmt_bytes(r['peak_bytes']):>12}")
     if "ratio" in res:
         names = [n for n, s in res["settings"].items() if "error" not in s]
         ratio = ", ".join(f"{k} {v:.2f}x" for k, v in res["ratio"].items())

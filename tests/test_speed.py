@@ -206,6 +206,55 @@ def test_stage_probe_sees_every_timed_stage():
     assert probe.stages["inversion"].flops == 2 * 2 * 8 ** 3
 
 
+def test_flop_sum_counts_kernel_launches_not_views():
+    from dragexp.profiling import count_flops
+
+    x = torch.randn(4, 6)
+    with count_flops() as c:
+        y = x.view(6, 4).unsqueeze(0)           # views: no kernel
+        (y + 1).relu()                          # two kernels
+        x.t().contiguous()                      # a copy: one kernel
+    assert c.launches == 3
+
+
+def test_merged_lora_computes_the_adapter_with_the_launches_of_a_plain_unet(tiny):
+    """speed.merge_lora: the folded weights give the adapter's output with the kernel launches
+    of the UNet without adapter, and leave the base weights and the adapter as they were."""
+    from dragexp.lora import lora_parameters, merged_lora
+    from dragexp.profiling import count_flops
+
+    models = copy.deepcopy(tiny)
+    unet = models.unet
+    z, text = _problem(tiny)
+    with torch.no_grad(), count_flops() as plain:
+        unet(z, 500, encoder_hidden_states=text)
+    add_lora(unet, rank=4)
+    g = torch.Generator().manual_seed(1)
+    for p in lora_parameters(unet):    # B = 0 at init: give the adapter something to add
+        p.data = torch.randn(p.shape, generator=g) * 0.05
+        p.requires_grad_(False)
+    base = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora" not in n}
+
+    def eps():
+        with torch.no_grad(), count_flops() as c:
+            return unet(z, 500, encoder_hidden_states=text).sample, c.launches
+
+    adapter, adapter_launches = eps()
+    with merged_lora(unet):
+        merged, merged_launches = eps()
+    again, _ = eps()
+    assert not any(p.requires_grad for p in lora_parameters(unet))
+    unet.disable_adapters()
+    without, _ = eps()
+    unet.enable_adapters()
+
+    assert (without - adapter).abs().max() > 1e-2           # the adapter changes the output
+    assert torch.allclose(merged, adapter, atol=1e-5)
+    assert merged_launches == plain.launches < adapter_launches
+    assert torch.equal(again, adapter)
+    assert all(torch.equal(p, base[n]) for n, p in unet.named_parameters() if n in base)
+
+
 @pytest.mark.slow
 def test_bench_script_writes_its_table(tmp_path, capsys):
     """scripts/bench.py: both settings, every stage, forward-equivalents, one JSON."""
@@ -229,8 +278,14 @@ def test_bench_script_writes_its_table(tmp_path, capsys):
         assert stages["total"]["seconds"] >= stages["lora"]["seconds"] > 0
     faithful, fast = (res["settings"][n]["stages"]["denoising"]["unet_forward_equivalents"]
                       for n in ("faithful", "fast"))
-    assert fast == pytest.approx(faithful / 2, rel=0.02)     # the dropped reference branch
+    # 7 plain calls (merged LoRA) at batch 1 (the dropped reference branch) against 7 LoRA
+    # calls at batch 2
+    assert fast == pytest.approx(7, rel=0.02) and faithful > 2 * fast
     assert res["difference"]["max_pixel_difference"] <= 2
+    faithful, fast = (res["settings"][n]["stages"]["inversion"]["launches"]
+                      for n in ("faithful", "fast"))
+    unit = res["settings"]["fast"]["unet_forward_launches"]
+    assert fast < faithful and 7 * unit <= fast < 7 * unit * 1.1   # merged LoRA: plain calls
     printed = capsys.readouterr().out
     assert "faithful/fast seconds" in printed and "fwd-eq" in printed
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..attention import ReferenceControl, attention_control, self_attention_layers
 from ..inversion import ddim_invert
+from ..lora import merged_lora
 from ..modules.drag_optimisation import DragObjective, DragOptimisation, fit_drag
 from ..points import binarize_mask, clicks_to_grid, resize_mask_nearest, supervision_size
 from ..sampling import NoisePredictor, ddim_sample
@@ -217,7 +218,6 @@ class LatentDragMethod:
         ``speed`` the fast path's switches (:mod:`dragexp.speed`; faithful by default)."""
         speed = speed or SpeedSettings()
         timer = StageTimer()
-        device = models.device
         H, W = sample.image.shape[:2]
         prompt = self.prompt_override if self.prompt_override is not None else sample.prompt
         sup_hw = supervision_size((H, W), self.sup_scale)
@@ -230,14 +230,38 @@ class LatentDragMethod:
         from ..callbacks.auto_mask import callback_images, check_callbacks
         check_callbacks(callbacks, self.make_target())   # e.g. no auto mask on a bottleneck
         mask_sup = supervision_mask(sample.mask, sup_hw)
-        autocast = _autocast(precision, device)
 
         text = models.encode_prompt(prompt)
         lora_path = None
-        with timer("lora"):
+        try:
+            with timer("lora"):
+                if self.lora["steps"] > 0:
+                    lora_path = self._lora(sample, prompt, models, text, lora_dir, precision,
+                                           progress, lora_callbacks, prefetch=speed.lora_prefetch)
+            merged = merged_lora(models.unet) if speed.merge_lora else nullcontext()
+            with merged:
+                module, out = self._drag_and_denoise(sample, models, callbacks, text, handles,
+                                                     targets, mask_sup, precision, progress,
+                                                     speed, timer)
+            with timer("decode"):
+                img = models.decode(out[-1:].to(models.vae.dtype)).float()
+                img = F.interpolate(img, size=(H, W), mode="bilinear", align_corners=False)
+                result = ((img[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte()
+                result = result.cpu().numpy()
+        finally:   # the next sample starts from the base weights, whatever happened here
             if self.lora["steps"] > 0:
-                lora_path = self._lora(sample, prompt, models, text, lora_dir, precision, progress,
-                                       lora_callbacks, prefetch=speed.lora_prefetch)
+                _disable_lora(models.unet)
+
+        recorder = next((c for c in callbacks if hasattr(c, "losses")), None)
+        return edit_result(result, handles, targets, sup_hw, recorder, module, timer,
+                           lora_path=lora_path,
+                           extras={"images": callback_images(callbacks, (H, W))})
+
+    def _drag_and_denoise(self, sample, models, callbacks, text, handles, targets, mask_sup,
+                          precision, progress, speed, timer):
+        """Encode, invert, optimise and denoise (METHODS.md steps 2-4): (drag module, latents)."""
+        device = models.device
+        autocast = _autocast(precision, device)
         image = torch.from_numpy(sample.image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
         with timer("encode"), torch.no_grad():
             latent0 = models.encode_image(image.to(device, models.vae.dtype)).float()
@@ -247,7 +271,6 @@ class LatentDragMethod:
         with timer("inversion"), autocast:
             z_t = invert(models.unet, latent0, text, self.schedule, n_actual)[-1].float()
 
-        recorder = next((c for c in callbacks if hasattr(c, "losses")), None)
         module = DragOptimisation(models.unet, self.make_target(), z_t, t, text,
                                   handles, targets, mask_sup, self.schedule, self.feature_idx,
                                   self.objective, self.lr, self.n_pix_step,
@@ -256,7 +279,6 @@ class LatentDragMethod:
             try:
                 fit_drag(module, callbacks, precision=precision, progress=progress)
             except BorderError as exc:
-                _disable_lora(models.unet)
                 raise BorderError(f"sample {sample.name!r}: {exc}") from exc
         edited, bottleneck = module.target.outcome(module)
         # Without reference control the reference branch [0] never reaches the edited one [1];
@@ -267,16 +289,7 @@ class LatentDragMethod:
             out = denoise(models.unet, batch, text, self.schedule, start,
                           self.denoise_settings, bottleneck=bottleneck,
                           bottleneck_feature=getattr(module.target, "feature", 0))
-        with timer("decode"):
-            img = models.decode(out[-1:].to(models.vae.dtype)).float()
-            img = F.interpolate(img, size=(H, W), mode="bilinear", align_corners=False)
-            result = ((img[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
-        if lora_path is not None:
-            _disable_lora(models.unet)
-
-        return edit_result(result, handles, targets, sup_hw, recorder, module, timer,
-                           lora_path=lora_path,
-                           extras={"images": callback_images(callbacks, (H, W))})
+        return module, out
 
     def _check_border(self, sample, handles: torch.Tensor) -> None:
         """Refuse, before any work, handles the reference tracker cannot start from."""
