@@ -26,9 +26,9 @@ For each method and setting it prints one row per stage (model load, LoRA, encod
 optimisation, denoising / sampling, decode, total): seconds, FLOPs in UNet forward-equivalents
 (one batch-1 forward at the working size; a backward counts about two), achieved TFLOP/s and
 its share of the device's peak (datasheet peak on NVIDIA GPUs, the measured fp32
-matrix-product rate on a CPU), kernel launches (dispatched ops that run a kernel; an eager
-GPU edit at 512 px costs about launches x a fixed price, see ``dragexp.profiling``), and peak
-memory (CUDA: allocated during the stage; CPU: the
+matrix-product rate on a CPU), kernel launches (dispatched ops that run a kernel) and what
+they would cost at the price of one launch of the plain forward (an eager GPU edit at 512 px
+costs about that: see ``dragexp.profiling``), and peak memory (CUDA: allocated during the stage; CPU: the
 process's peak resident size so far). Then the fast/faithful time ratio per stage and the
 difference of the two edited images (max pixel difference, LPIPS when the AlexNet weights are
 on disk). The same figures go to the JSON file.
@@ -198,14 +198,18 @@ def bench_method(method: str, opts: dict, overrides: list[str], master, load_s: 
                                  flops=sum(r["flops"] for r in rows.values()),
                                  launches=sum(r["launches"] for r in rows.values()),
                                  peak_bytes=max(r["peak_bytes"] for r in rows.values()))
+            # What a stage would take if each launch cost what one launch of the plain forward
+            # costs: near the measured seconds, the stage is launch-bound, whatever its FLOPs.
+            price = fwd_s[1] / unit_launches if unit_launches else 0.0
             for r in rows.values():
+                r["launch_bound_seconds"] = r["launches"] * price
                 r["unet_forward_equivalents"] = r["flops"] / unit if unit else None
                 r["tflops_per_s"] = r["flops"] / r["seconds"] / 1e12 if r["seconds"] > 0 else 0.0
                 r["share_of_peak"] = r["tflops_per_s"] / peak if peak else None
             out["settings"][name] = dict(
                 precision=precision, speed=speed.__dict__, stages=rows, num_steps=result.num_steps,
                 stopped_early=result.stopped_early, unet_forward_flops=unit,
-                unet_forward_launches=unit_launches,
+                unet_forward_launches=unit_launches, launch_price_s=price,
                 unet_forward_seconds={f"batch{b}": v for b, v in fwd_s.items()}, peak_tflops=peak,
                 peak_source=peak_source)
         except Exception as exc:   # keep the other settings' and methods' figures
@@ -268,9 +272,10 @@ def print_method(res: dict, device_label: str) -> None:
               f"({s['peak_source']})")
         fs = s["unet_forward_seconds"]
         print(f"   one plain UNet forward (no grad): batch 1 {1000 * fs['batch1']:.1f} ms, "
-              f"batch 2 {1000 * fs['batch2']:.1f} ms")
+              f"batch 2 {1000 * fs['batch2']:.1f} ms; {1e6 * s['launch_price_s']:.1f} us "
+              f"per launch ('at price': launches x that)")
         print(f"   {'stage':<13}{'seconds':>9}{'fwd-eq':>9}{'TFLOP/s':>9}{'%peak':>7}"
-              f"{'launches':>10}{'peak mem':>12}")
+              f"{'launches':>10}{'at price':>10}{'peak mem':>12}")
         stages = s["stages"]
         for stage in sorted(stages, key=lambda k: STAGE_ORDER.index(k)
                             if k in STAGE_ORDER else len(STAGE_ORDER) - 1):
@@ -279,7 +284,8 @@ def print_method(res: dict, device_label: str) -> None:
                 f"{r['unet_forward_equivalents']:.1f}"
             share = "-" if r["share_of_peak"] is None else f"{100 * r['share_of_peak']:.1f}"
             print(f"   {stage:<13}{r['seconds']:>9.3f}{fe:>9}{r['tflops_per_s']:>9.3f}"
-                  f"{share:>7}{r['launches']:>10}{_fmt_bytes(r['peak_bytes']):>12}")
+                  f"{share:>7}{r['launches']:>10}{r['launch_bound_seconds']:>10.3f}"
+                  f"{_fmt_bytes(r['peak_bytes']):>12}")
     if "ratio" in res:
         names = [n for n, s in res["settings"].items() if "error" not in s]
         ratio = ", ".join(f"{k} {v:.2f}x" for k, v in res["ratio"].items())

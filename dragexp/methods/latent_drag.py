@@ -237,7 +237,7 @@ class LatentDragMethod:
             with timer("lora"):
                 if self.lora["steps"] > 0:
                     lora_path = self._lora(sample, prompt, models, text, lora_dir, precision,
-                                           progress, lora_callbacks, prefetch=speed.lora_prefetch)
+                                           progress, lora_callbacks, speed)
             merged = merged_lora(models.unet) if speed.merge_lora else nullcontext()
             with merged:
                 module, out = self._drag_and_denoise(sample, models, callbacks, text, handles,
@@ -274,7 +274,8 @@ class LatentDragMethod:
         module = DragOptimisation(models.unet, self.make_target(), z_t, t, text,
                                   handles, targets, mask_sup, self.schedule, self.feature_idx,
                                   self.objective, self.lr, self.n_pix_step,
-                                  reuse_initial_forward=speed.reuse_initial_forward)
+                                  reuse_initial_forward=speed.reuse_initial_forward,
+                                  fused_optimizer=speed.fused_optimizer)
         with timer("optimisation"):
             try:
                 fit_drag(module, callbacks, precision=precision, progress=progress)
@@ -304,14 +305,17 @@ class LatentDragMethod:
                     "where the authors' DragNoise code crashes; set method.tracker_border=clip "
                     "to clip the windows and continue")
 
-    def _lora(self, sample, prompt, models, text, lora_dir, precision, progress, callbacks=(),
-              prefetch: bool = False):
+    def _lora(self, sample, prompt, models, text, lora_dir, precision, progress, callbacks,
+              speed: SpeedSettings):
         from ..lora import lora_cache_key
         from ..modules.lora_finetune import train_lora
 
         settings = dict(self.lora, resolution=int(models.resolution), seed=self.seed)
+        prefetch, fused = speed.lora_prefetch, speed.fused_optimizer
         if precision not in ("32", "32-true") or prefetch:   # keys of fp32 runs stay as they were
             settings.update(precision=precision, prefetch=bool(prefetch))
+        if fused:
+            settings.update(fused_optimizer=True)
         key = lora_cache_key(sample.image, prompt, models.source, settings)
         return train_lora(models.unet, models.vae, text, sample.image, out_dir=lora_dir,
                           cache_key=key, progress=progress, callbacks=list(callbacks),
@@ -319,7 +323,7 @@ class LatentDragMethod:
                           scaling_factor=models.scaling_factor, rank=self.lora["rank"],
                           lr=self.lora["lr"], steps=self.lora["steps"],
                           batch_size=self.lora["batch_size"], resolution=int(models.resolution),
-                          seed=self.seed, prefetch=prefetch)
+                          seed=self.seed, prefetch=prefetch, fused_optimizer=fused)
 
 
 def _autocast(precision: str, device: torch.device):

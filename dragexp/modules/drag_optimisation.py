@@ -202,13 +202,15 @@ class DragOptimisation(L.LightningModule):
         compose_features: ``f(native feature maps, supervision size)`` -> supervision features;
             :func:`dragexp.features.resize_concat` (DragDiffusion) by default,
             :func:`dragexp.features.concat_then_resize` for EasyDrag.
+        reuse_initial_forward, fused_optimizer: the fast path's switches (:mod:`dragexp.speed`).
     """
 
     def __init__(self, unet: nn.Module, target, latent: torch.Tensor, timestep: int,
                  text_embedding: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor,
                  mask: torch.Tensor, schedule: DDIMSchedule, feature_idx=(3,),
                  objective: DragObjective | None = None, lr: float = 0.01, n_steps: int = 80,
-                 compose_features=None, reuse_initial_forward: bool = False):
+                 compose_features=None, reuse_initial_forward: bool = False,
+                 fused_optimizer: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.unet = unet
@@ -222,6 +224,7 @@ class DragOptimisation(L.LightningModule):
         self.compose_features = compose_features or resize_concat
         self.lr = float(lr)
         self.n_steps = int(n_steps)
+        self.fused_optimizer = bool(fused_optimizer)
         self.sup_size = tuple(mask.shape[-2:])
         self.register_buffer("handles_init", handles.detach().float().clone())
         self.register_buffer("handles", handles.detach().float().clone())
@@ -272,7 +275,8 @@ class DragOptimisation(L.LightningModule):
 
     # -- Lightning plumbing ------------------------------------------------------------------
     def configure_optimizers(self):
-        return torch.optim.Adam([self.param], lr=self.lr)
+        return torch.optim.Adam([self.param], lr=self.lr,
+                                fused=True if self.fused_optimizer else None)
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(range(self.n_steps), batch_size=None)
