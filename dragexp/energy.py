@@ -9,7 +9,11 @@ along channels, ``(cos + 1) / 2`` where the authors use it, and an energy term i
 
 Each guidance function returns the step added to the noise prediction used for x0,
 ``step * (grad(E_edit * es) * M + grad(E_content * es) * (1 - M))``, with the two gradients taken
-separately (two ``autograd.grad`` calls) as the authors do.
+separately (two ``autograd.grad`` calls) as the authors do. The fast path
+(``speed.batch_guidance``) gets the same two gradients from one estimator call and one backward:
+the latent goes in twice, as two leaves (E_edit is read from the first copy's features, E_content
+from the second's), with the step's inversion latent(s) for the reference features
+(:class:`ReferenceLatents`) in the same batch.
 
 Empty regions: the authors average over a region that can be empty (a handle patch equal to
 its target patch leaves no vacated pixels; an object moved onto itself leaves no
@@ -35,6 +39,7 @@ __all__ = [
     "GuidanceResult", "Energy", "resize_features", "masked_vectors", "similarity",
     "drag_energies", "move_energies", "blend_energies", "guidance_drag", "guidance_move",
     "guidance_appearance", "guidance_paste", "DecoderFeatureEstimator", "ConvStubEstimator",
+    "ReferenceLatents",
 ]
 
 Estimator = Callable[[torch.Tensor, object], list]
@@ -222,11 +227,33 @@ def _grad(energy, latent: torch.Tensor, retain: bool) -> torch.Tensor:
     return torch.autograd.grad(energy, latent, retain_graph=retain)[0]
 
 
-def _combine(latent, e_first: Energy, e_second: Energy, energy_scale: float,
-             first_is_edit: bool, mask: torch.Tensor, step: float) -> GuidanceResult:
-    """Two separate gradients (the first with the graph retained), mixed by the latent mask."""
-    g1 = _grad(e_first.scaled(energy_scale), latent, retain=True)
-    g2 = _grad(e_second.scaled(energy_scale), latent, retain=False)
+def _grads(energies: Sequence, leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``d energies[k] / d leaves[k]`` for distinct leaves, from one backward of their sum (each
+    energy depends on its own leaf only, so the sum's gradient at a leaf is that energy's)."""
+    live = [k for k, e in enumerate(energies) if torch.is_tensor(e) and e.requires_grad]
+    out = [torch.zeros_like(x) for x in leaves]
+    if live:
+        got = torch.autograd.grad(sum(energies[k] for k in live), [leaves[k] for k in live],
+                                  allow_unused=True)
+        for k, g in zip(live, got):
+            if g is not None:
+                out[k] = g
+    return out
+
+
+def _combine(leaves: tuple[torch.Tensor, torch.Tensor], e_first: Energy, e_second: Energy,
+             energy_scale: float, first_is_edit: bool, mask: torch.Tensor,
+             step: float) -> GuidanceResult:
+    """Two gradients, mixed by the latent mask: the first energy's at ``leaves[0]``, the
+    second's at ``leaves[1]``. One leaf (the authors' way): two backward passes, the first with
+    the graph retained; two leaves (:func:`_estimate` with ``split``): one backward."""
+    s1, s2 = e_first.scaled(energy_scale), e_second.scaled(energy_scale)
+    if leaves[0] is leaves[1]:
+        g1 = _grad(s1, leaves[0], retain=True)
+        g2 = _grad(s2, leaves[0], retain=False)
+    else:
+        g1, g2 = _grads([s1, s2], leaves)
+    latent = leaves[0]
     e_edit, e_con = (e_first, e_second) if first_is_edit else (e_second, e_first)
     g_edit, g_con = (g1, g2) if first_is_edit else (g2, g1)
     if first_is_edit:
@@ -237,46 +264,96 @@ def _combine(latent, e_first: Energy, e_second: Energy, energy_scale: float,
                           e_con.reported(energy_scale, latent), g_edit.detach(), g_con.detach())
 
 
-def _current_features(estimator: Estimator, latent: torch.Tensor, t, up_scale: int):
+class ReferenceLatents:
+    """Reference features not computed yet: the step's inversion latent(s) ``(m, 4, h, w)``,
+    to run through the estimator in the same call as the current latent (the fast path)."""
+
+    def __init__(self, latents: torch.Tensor):
+        self.latents = latents
+
+
+def _estimate(estimator: Estimator, latent: torch.Tensor, t, up_scale: int, refs: Sequence,
+              split: bool) -> tuple[tuple[torch.Tensor, torch.Tensor], list, list]:
+    """One guided step's estimator call: (leaves, current features per leaf resized by
+    ``up_scale``, raw reference features per entry of ``refs``).
+
+    Without ``split`` and with feature lists as ``refs``, this is the authors' call: the
+    latent alone, one leaf (returned twice). With ``split`` the latent goes in as two leaves;
+    :class:`ReferenceLatents` in ``refs`` join the same batch. Batch elements do not interact in
+    the UNet (per-sample normalisation and attention), so each part gets what its own call
+    would give, up to the rounding of a larger batch.
+    """
+    n = latent.shape[0]
     with torch.enable_grad():
-        x = latent.detach().requires_grad_(True)
-        return x, resize_features(estimator(x, t), up_scale)
+        leaves = [latent.detach().requires_grad_(True) for _ in range(2 if split else 1)]
+        extra = [r.latents.to(latent) for r in refs if isinstance(r, ReferenceLatents)]
+        batch = leaves + [r.detach() for r in extra]
+        if len(batch) == 1:
+            cur = [resize_features(estimator(batch[0], t), up_scale)]
+            return (leaves[0], leaves[0]), cur, list(refs)
+        feats = estimator(torch.cat(batch), t)
+        cur = [resize_features([f[k * n:(k + 1) * n] for f in feats], up_scale)
+               for k in range(len(leaves))]
+    start = len(leaves) * n
+    raw = []
+    for r in refs:
+        if isinstance(r, ReferenceLatents):
+            m = r.latents.shape[0]
+            raw.append([f[start:start + m].detach() for f in feats])
+            start += m
+        else:
+            raw.append(r)
+    return (leaves[0], leaves[-1]), cur, raw
+
+
+def _pair(energies: Callable[[Sequence[torch.Tensor]], tuple[Energy, Energy]],
+          cur: list) -> tuple[Energy, Energy]:
+    """The two energies: both from one feature set, or the first from ``cur[0]`` and the second
+    from ``cur[1]`` (one per leaf)."""
+    first = energies(cur[0])
+    return first if len(cur) == 1 else (first[0], energies(cur[1])[1])
 
 
 def guidance_drag(estimator: Estimator, latent: torch.Tensor, ref_features: Sequence[torch.Tensor],
                   t, mask_x0: torch.Tensor, handle_patches: torch.Tensor,
                   target_patches: torch.Tensor, mask_other: torch.Tensor, energy_scale: float,
                   w_edit: float, w_inpaint: float, w_content: float, up_scale: int = 2,
-                  step: float = 4e-2, inpaint: bool = True) -> GuidanceResult:
+                  step: float = 4e-2, inpaint: bool = True, split: bool = False) -> GuidanceResult:
     """Point-drag guidance (``guidance_drag``; NOTES items 25-27).
 
     Args:
         estimator: ``(latent, t) -> [decoder feature maps]`` (the plain UNet's up_blocks outputs).
-        ref_features: the estimator's maps for the inversion latent at this step (raw size).
+        ref_features: the estimator's maps for the inversion latent at this step (raw size),
+            or that latent as :class:`ReferenceLatents` (computed in the same call).
         mask_x0: (H, W) working-size user mask; M = nearest to the latent, > 0.
         handle_patches / target_patches: (N, Hf, Wf) boolean 3x3 patches.
         mask_other: (1, 1, Hf, Wf) content region.
         energy_scale: absolute scale (the UI's value x 1e3).
         inpaint: the vacated-region term (inpainting guidance) on; False = the ablation.
+        split: both gradients from one backward (:func:`_estimate`; the fast path).
     """
+    leaves, cur, (ref_raw,) = _estimate(estimator, latent, t, up_scale, [ref_features], split)
     with torch.no_grad():
-        ref = resize_features(ref_features, up_scale)
+        ref = resize_features(ref_raw, up_scale)
     with torch.enable_grad():
-        x, cur = _current_features(estimator, latent, t, up_scale)
-        e_edit, e_con = drag_energies(cur, ref, handle_patches, target_patches, mask_other,
-                                      w_edit, w_inpaint, w_content, inpaint)
+        e_edit, e_con = _pair(lambda c: drag_energies(c, ref, handle_patches, target_patches,
+                                                      mask_other, w_edit, w_inpaint, w_content,
+                                                      inpaint), cur)
         mask = (F.interpolate(mask_x0.reshape(1, 1, *mask_x0.shape[-2:]).float(), latent.shape[-2:]) > 0
                 ).to(latent.dtype)
-        return _combine(x, e_edit, e_con, energy_scale, True, mask, step)
+        return _combine(leaves, e_edit, e_con, energy_scale, True, mask, step)
 
 
 def guidance_move(estimator: Estimator, latent: torch.Tensor, ref_features, t, regions,
                   energy_scale: float, w_edit: float, w_content: float, w_contrast: float,
                   w_inpaint: float, up_scale: int = 2, layer_weights=None,
-                  step: float = 8e-2, inpaint: bool = True) -> GuidanceResult:
+                  step: float = 8e-2, inpaint: bool = True, split: bool = False) -> GuidanceResult:
     """Object move / resize guidance (``guidance_move``; NOTES item 28). ``regions`` is a
     :class:`~dragexp.dragon_regions.MoveRegions`; the edit gradient acts inside ``mask_cur``;
-    ``inpaint=False`` drops the inpainting guidance (contrast + inpaint terms)."""
+    ``inpaint=False`` drops the inpainting guidance (contrast + inpaint terms); ``ref_features``
+    and ``split`` as in :func:`guidance_drag`."""
+    leaves, cur, (ref_features,) = _estimate(estimator, latent, t, up_scale, [ref_features],
+                                             split)
     layer_weights = list(layer_weights) if layer_weights is not None else [0.5] * len(ref_features)
     with torch.no_grad():
         ref_org = resize_features(ref_features, up_scale)
@@ -286,41 +363,48 @@ def guidance_move(estimator: Estimator, latent: torch.Tensor, ref_features, t, r
     else:
         ref_region = regions.mask_other
     with torch.enable_grad():
-        x, cur = _current_features(estimator, latent, t, up_scale)
-        e_edit, e_con = move_energies(cur, ref_org, ref_resized, regions.mask_tar, regions.mask_cur,
-                                      regions.mask_other, regions.mask_non_overlap, ref_region,
-                                      w_edit, w_content, w_contrast, w_inpaint, layer_weights,
-                                      inpaint)
+        e_edit, e_con = _pair(lambda c: move_energies(
+            c, ref_org, ref_resized, regions.mask_tar, regions.mask_cur, regions.mask_other,
+            regions.mask_non_overlap, ref_region, w_edit, w_content, w_contrast, w_inpaint,
+            layer_weights, inpaint), cur)
         mask = (F.interpolate((regions.mask_cur > 0.5).float(), latent.shape[-2:]) > 0).to(latent.dtype)
-        return _combine(x, e_edit, e_con, energy_scale, True, mask, step)
+        return _combine(leaves, e_edit, e_con, energy_scale, True, mask, step)
 
 
 def _guidance_blend(estimator, latent, ref_base_features, ref_replace_features, t, regions,
-                    energy_scale, w_edit, w_content, up_scale, step, pooled) -> GuidanceResult:
+                    energy_scale, w_edit, w_content, up_scale, step, pooled,
+                    split) -> GuidanceResult:
+    leaves, cur, (base_raw, replace_raw) = _estimate(
+        estimator, latent, t, up_scale, [ref_base_features, ref_replace_features], split)
     with torch.no_grad():
-        ref_base = resize_features(ref_base_features, up_scale)
-        ref_replace = resize_features(ref_replace_features, up_scale)
+        ref_base = resize_features(base_raw, up_scale)
+        ref_replace = resize_features(replace_raw, up_scale)
     with torch.enable_grad():
-        x, cur = _current_features(estimator, latent, t, up_scale)
-        e_edit, e_con = blend_energies(cur, ref_base, ref_replace, regions.mask_base_cur,
-                                       regions.mask_replace_cur, w_edit, w_content, pooled)
+        e_edit, e_con = _pair(lambda c: blend_energies(
+            c, ref_base, ref_replace, regions.mask_base_cur, regions.mask_replace_cur, w_edit,
+            w_content, pooled), cur)
         mask = (F.interpolate(regions.mask_base_cur.float(), latent.shape[-2:]) > 0).to(latent.dtype)
-        return _combine(x, e_con, e_edit, energy_scale, False, mask, step)
+        # e_edit is read from the first leaf, e_con from the second
+        return _combine((leaves[1], leaves[0]), e_con, e_edit, energy_scale, False, mask, step)
 
 
 def guidance_appearance(estimator, latent, ref_base_features, ref_replace_features, t, regions,
-                        energy_scale, w_edit, w_content, up_scale=2, step=4e-2) -> GuidanceResult:
+                        energy_scale, w_edit, w_content, up_scale=2, step=4e-2,
+                        split: bool = False) -> GuidanceResult:
     """Appearance replacement (``guidance_appearance``): the object's *mean* feature against
     the second image's object's mean; content keeps the base image outside the object."""
     return _guidance_blend(estimator, latent, ref_base_features, ref_replace_features, t, regions,
-                           energy_scale, w_edit, w_content, up_scale, step, pooled=True)
+                           energy_scale, w_edit, w_content, up_scale, step, pooled=True,
+                           split=split)
 
 
 def guidance_paste(estimator, latent, ref_base_features, ref_replace_features, t, regions,
-                   energy_scale, w_edit, w_content, up_scale=2, step=4e-2) -> GuidanceResult:
+                   energy_scale, w_edit, w_content, up_scale=2, step=4e-2,
+                   split: bool = False) -> GuidanceResult:
     """Object pasting (``guidance_paste``): per-pixel object similarity to the second image."""
     return _guidance_blend(estimator, latent, ref_base_features, ref_replace_features, t, regions,
-                           energy_scale, w_edit, w_content, up_scale, step, pooled=False)
+                           energy_scale, w_edit, w_content, up_scale, step, pooled=False,
+                           split=split)
 
 
 # -- estimators ----------------------------------------------------------------------------

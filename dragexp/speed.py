@@ -16,7 +16,10 @@ authors' own GPU precision). ``fast`` changes only how the same edit is computed
 * ``cache_reference``: EasyDrag's frozen reference branch ``z_t^orig`` is run once; its
   decoder self-attention keys/values are kept and the drag runs at batch 1.
 * ``batch_guidance``: EasyDrag's reference-guided steps make their two predictions (plain
-  with the negative prompt; reading the reference) in one UNet call on ``[x, x, ref]``.
+  with the negative prompt; reading the reference) in one UNet call on ``[x, x, ref]``;
+  DragonDiffusion's guided steps run the energy's estimator once on ``[x, x, ref]`` (two leaves
+  for the edit and content energies, the inversion latent for the reference features) and take
+  both gradients from one backward, instead of three estimator calls and two backward passes.
 * ``single_branch``: denoising without reference control (DragNoise) drops the reference
   branch whose output is never used.
 * ``merge_lora``: after LoRA training, inversion, drag and denoising run with the LoRA folded

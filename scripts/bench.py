@@ -28,8 +28,8 @@ optimisation, denoising / sampling, decode, total): seconds, FLOPs in UNet forwa
 its share of the device's peak (datasheet peak on NVIDIA GPUs, the measured fp32
 matrix-product rate on a CPU), kernel launches (dispatched ops that run a kernel) and what
 they would cost at the price of one launch of the plain forward (an eager GPU edit at 512 px
-costs about that: see ``dragexp.profiling``), and peak memory (CUDA: allocated during the stage; CPU: the
-process's peak resident size so far). Then the fast/faithful time ratio per stage and the
+costs about that: see ``dragexp.profiling``), and peak memory (CUDA: allocated during the
+stage; CPU: the process's peak resident size so far). Then the fast/faithful time ratio per stage and the
 difference of the two edited images (max pixel difference, LPIPS when the AlexNet weights are
 on disk). The same figures go to the JSON file.
 """

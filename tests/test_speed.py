@@ -345,3 +345,58 @@ def test_batched_reference_guidance_equals_the_two_calls(tiny):
     with torch.no_grad():                            # and it is not the unguided prediction
         plain = ReferenceGuidance(model, cond, uncond, 4.0, latents, enabled=False)(x, 381, 30)
     assert (out[True] - plain).abs().max() > 1e-3
+
+
+def _guidance_problem(tiny):
+    from dragexp.energy import DecoderFeatureEstimator
+
+    g = torch.Generator().manual_seed(3)
+    est = DecoderFeatureEstimator(tiny.unet, tiny.encode_prompt("a photo"), [1, 2])
+    x, inv = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    hf, wf = (2 * s for s in est(x, 500)[-1].shape[-2:])
+    handle = torch.zeros(1, hf, wf, dtype=torch.bool)
+    target = torch.zeros(1, hf, wf, dtype=torch.bool)
+    handle[0, 2:5, 2:5], target[0, 5:8, 6:9] = True, True
+    other = torch.ones(1, 1, hf, wf, dtype=torch.bool)
+    other[..., 1:10, 1:11] = False
+    mask_x0 = torch.zeros(64, 64)
+    mask_x0[8:40, 8:48] = 1
+    return est, x, inv, (mask_x0, handle, target, other, 2000.0, 4, 0.2, 6)
+
+
+def test_dragon_batched_guidance_equals_the_three_calls(tiny):
+    """speed.batch_guidance for DragonDiffusion: one estimator call on [x, x, ref] and one
+    backward give the authors' two gradients (three calls, two backward passes), in far
+    fewer launches."""
+    from dragexp.energy import ReferenceLatents, guidance_drag
+    from dragexp.profiling import count_flops
+
+    est, x, inv, args = _guidance_problem(tiny)
+    with count_flops() as c1:
+        with torch.no_grad():
+            ref = est(inv, 500)
+        a = guidance_drag(est, x, ref, 500, *args)
+    with count_flops() as c2:
+        b = guidance_drag(est, x, ReferenceLatents(inv), 500, *args, split=True)
+    for name in ("guidance", "grad_edit", "grad_content"):
+        ta, tb = getattr(a, name), getattr(b, name)
+        scale = float(ta.abs().max())
+        assert scale > 0 and float((ta - tb).abs().max()) / scale < 1e-4, name
+    for name in ("energy_edit", "energy_content"):
+        assert float(getattr(b, name)) == pytest.approx(float(getattr(a, name)), rel=1e-5)
+    assert c2.launches < 0.75 * c1.launches
+
+
+@pytest.mark.parametrize("task", ["drag", "move", "paste"])
+def test_dragon_batched_guidance_edit_matches_the_faithful_one(tiny, task):
+    from dragexp.data.dragon_samples import DragonSamples
+    from dragexp.methods.dragondiffusion import DragonDiffusionMethod
+
+    s = DragonSamples(1, (64, 64), 0, task=task)[0]
+    images = []
+    for speed in (SpeedSettings(), SpeedSettings(batch_guidance=True)):
+        m = DragonDiffusionMethod(task=task, n_inference_step=6, max_resolution=64,
+                                  guidance_steps=4, bank_start_step=1, latent_copy_border="clip")
+        torch.manual_seed(0)
+        images.append(m.edit(s, tiny, [], speed=speed).image.astype(int))
+    assert np.abs(images[0] - images[1]).max() <= 2

@@ -37,10 +37,11 @@ from ..dragon_regions import (as_upload_mask, copy_latent_patches, feature_scale
                               move_latent, nearest, paste_image, paste_latent, process_appearance,
                               process_drag, process_move, process_paste, resize_image, working_size)
 from ..dragon_sampling import DragonSchedule, DragonTrace, dragon_edit, invert_with_bank
-from ..energy import (DecoderFeatureEstimator, guidance_appearance, guidance_drag, guidance_move,
-                      guidance_paste)
+from ..energy import (DecoderFeatureEstimator, ReferenceLatents, guidance_appearance,
+                      guidance_drag, guidance_move, guidance_paste)
 from ..memory_bank import DragonAttentionControl, MemoryBank, decoder_self_attention_layers
 from ..schedule import DDIMSchedule
+from ..speed import SpeedSettings
 from .latent_drag import EditResult, StageTimer, _autocast
 
 __all__ = ["DragonParams", "run_drag", "run_move", "run_blend", "DragonDiffusionMethod",
@@ -84,14 +85,19 @@ def up_block_sizes(unet) -> dict[int, int]:
 
 
 class _RefFeatures:
-    """The estimator's features of the inversion latent at step i, computed once per step."""
+    """The estimator's features of the inversion latent at step i, computed once per step;
+    ``batched`` (``speed.batch_guidance``): the latent itself, for the guidance to run in the
+    same estimator call as the current latent."""
 
-    def __init__(self, estimator, inv_latents: Sequence[torch.Tensor]):
+    def __init__(self, estimator, inv_latents: Sequence[torch.Tensor], batched: bool = False):
         self.estimator = estimator
         self.inv = inv_latents
+        self.batched = batched
         self.cache: dict[tuple, list[torch.Tensor]] = {}
 
-    def __call__(self, i: int, t, part: slice = slice(None)) -> list[torch.Tensor]:
+    def __call__(self, i: int, t, part: slice = slice(None)):
+        if self.batched:
+            return ReferenceLatents(self.inv[-(i + 1)][part])
         key = (i, part.start, part.step)
         if key not in self.cache:
             with torch.no_grad():
@@ -128,7 +134,7 @@ def run_drag(unet, latent0, cond, uncond, points_xy, mask_upload: np.ndarray,
              schedule: DDIMSchedule, controller: DragonAttentionControl | None = None,
              emb_im=None, emb_im_uncond=None, trace: DragonTrace | None = None,
              timer: StageTimer | None = None, sizes: dict[int, int] | None = None,
-             init_latent: torch.Tensor | None = None) -> dict[str, Any]:
+             init_latent: torch.Tensor | None = None, batched: bool = False) -> dict[str, Any]:
     """``run_drag``: inversion with the memory bank, ``process_drag``, the in-place latent patch
     copy, then guided sampling in drag mode. Returns a dict with ``final``, ``inversion``
     (latents; the last one modified in place by the copy, as in the reference), ``z_T`` (the
@@ -137,7 +143,8 @@ def run_drag(unet, latent0, cond, uncond, points_xy, mask_upload: np.ndarray,
     ``init_latent`` (same shape as z_T) replaces the inversion's z_T as the sampler's start
     (the paper's "w/o inversion prior" ablation, Fig. 9: random z_T); the patch copy then acts
     on it, and the memory bank and the guidance's reference features still come from the
-    inversion."""
+    inversion. ``batched``: each guided step's estimator calls and backward passes as one
+    (``speed.batch_guidance``; :func:`dragexp.energy.guidance_drag`'s ``split``)."""
     timer = timer or StageTimer()
     with timer("inversion"):
         inv = invert_with_bank(unet, latent0, cond, schedule, controller)
@@ -146,13 +153,13 @@ def run_drag(unet, latent0, cond, uncond, points_xy, mask_upload: np.ndarray,
     z_T = inv[-1].clone() if init_latent is None else init_latent.clone()
     latent_in = copy_latent_patches(_start(inv, init_latent), regions, params.up_scale,
                                     params.latent_copy_border)
-    ref = _RefFeatures(estimator, inv)
+    ref = _RefFeatures(estimator, inv, batched)
 
     def guidance(i, t, x):
         return guidance_drag(estimator, x, ref(i, t), t, regions.mask_x0, regions.handle_patches,
                              regions.target_patches, regions.mask_other, params.energy_scale,
                              params.w_edit, params.w_inpaint, params.w_content, params.up_scale,
-                             inpaint=params.inpainting_guidance)
+                             inpaint=params.inpainting_guidance, split=batched)
 
     sde_mask = latent_mask(regions.mask_x0, latent_in.shape[-2:])
     final = _guided_sampling(unet, latent_in, cond, uncond, schedule, params, guidance,
@@ -165,9 +172,9 @@ def run_move(unet, latent0, cond, uncond, mask_upload: np.ndarray, working_hw, i
              controller=None, emb_im=None, emb_im_uncond=None, mask_ref_upload=None,
              trace: DragonTrace | None = None, timer: StageTimer | None = None,
              sizes: dict[int, int] | None = None,
-             init_latent: torch.Tensor | None = None) -> dict[str, Any]:
+             init_latent: torch.Tensor | None = None, batched: bool = False) -> dict[str, Any]:
     """``run_move``: object moving / resizing (``dx, dy`` in upload pixels); ``init_latent``
-    as in :func:`run_drag` (the object is moved within it)."""
+    and ``batched`` as in :func:`run_drag` (the object is moved within it)."""
     timer = timer or StageTimer()
     with timer("inversion"):
         inv = invert_with_bank(unet, latent0, cond, schedule, controller)
@@ -176,13 +183,13 @@ def run_move(unet, latent0, cond, uncond, mask_upload: np.ndarray, working_hw, i
                            params.resize_scale, mask_ref_upload).to(latent0.device)
     latent_in = move_latent(_start(inv, init_latent), mask_upload, working_hw, dx, dy,
                             params.resize_scale)
-    ref = _RefFeatures(estimator, inv)
+    ref = _RefFeatures(estimator, inv, batched)
 
     def guidance(i, t, x):
         return guidance_move(estimator, x, ref(i, t), t, regions, params.energy_scale,
                              params.w_edit, params.w_content, params.w_contrast, params.w_inpaint,
                              params.up_scale, params.move_layer_weights,
-                             inpaint=params.inpainting_guidance)
+                             inpaint=params.inpainting_guidance, split=batched)
 
     m = nearest(regions.mask_x0, regions.mask_cur.shape[-2:]) > 0.5
     m = (regions.mask_cur.float() + m.float()) > 0.5
@@ -198,11 +205,12 @@ def run_blend(task: str, unet, latent_base, latent_replace, cond, cond_replace, 
               controller=None, emb_im=None, emb_im_uncond=None, dx: float = 0.0, dy: float = 0.0,
               trace: DragonTrace | None = None, timer: StageTimer | None = None,
               sizes: dict[int, int] | None = None,
-              init_latent: torch.Tensor | None = None) -> dict[str, Any]:
+              init_latent: torch.Tensor | None = None, batched: bool = False) -> dict[str, Any]:
     """``run_appearance`` / ``run_paste``: both images inverted together (batch 2, each with its
     prompt); the memory bank composites the base's background with the second image's object.
     ``init_latent`` replaces the base image's z_T (as in :func:`run_drag`); a pasted object
-    still comes from the second image's inversion. These tasks have no inpainting term."""
+    still comes from the second image's inversion. These tasks have no inpainting term.
+    ``batched`` as in :func:`run_drag`."""
     timer = timer or StageTimer()
     scale = feature_scale(params.up_ft_index, params.up_scale, sizes)
     with timer("inversion"):
@@ -220,11 +228,12 @@ def run_blend(task: str, unet, latent_base, latent_replace, cond, cond_replace, 
     regions = regions.to(latent_base.device)
     if controller is not None:
         controller.blend_masks = (regions.base, regions.replace)
-    ref = _RefFeatures(estimator, inv)
+    ref = _RefFeatures(estimator, inv, batched)
 
     def guidance(i, t, x):
         return fn(estimator, x, ref(i, t, slice(0, None, 2)), ref(i, t, slice(1, None, 2)), t,
-                  regions, params.energy_scale, params.w_edit, params.w_content, params.up_scale)
+                  regions, params.energy_scale, params.w_edit, params.w_content, params.up_scale,
+                  split=batched)
 
     sde_mask = latent_mask(regions.mask_base_cur, latent_in.shape[-2:])
     final = _guided_sampling(unet, latent_in, cond, uncond, schedule, params, guidance,
@@ -456,9 +465,11 @@ class DragonDiffusionMethod:
         """Edit one sample with ``self.task``; ``callbacks`` (drag callbacks) are not used.
 
         ``speed`` (:mod:`dragexp.speed`): DragonDiffusion trains nothing and has no reference
-        branch to cache, so only the model-wide switches (precision, memory format, compile)
-        apply, and those are set on the models by the caller.
+        branch to cache; besides the model-wide switches (precision, memory format, compile,
+        set on the models by the caller) ``batch_guidance`` applies: each guided step runs its
+        estimator once and one backward instead of three calls and two backward passes.
         """
+        speed = speed or SpeedSettings()
         timer = StageTimer()
         task = self.task
         inp = task_inputs(sample, task, self.params.resize_scale)
@@ -503,7 +514,7 @@ class DragonDiffusionMethod:
         common = dict(params=params, estimator=estimator, schedule=self.schedule,
                       controller=controller, emb_im=emb_im, emb_im_uncond=emb_im_uncond,
                       trace=trace, timer=timer, sizes=sizes,
-                      init_latent=self._random_start(latent0))
+                      init_latent=self._random_start(latent0), batched=speed.batch_guidance)
         from ..image_prompt import dragon_attention
 
         with dragon_attention(models.unet, controller, adapter), _autocast(precision, device):
