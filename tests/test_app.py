@@ -276,7 +276,9 @@ def test_upload_click_run_download_and_save_as_sample(app_url, browser_page, tmp
     name_box = page.locator("#save-name input, #save-name textarea").first
     name_box.fill("from_browser")
     expect(name_box).to_have_value("from_browser")
-    page.click("#save")
+    # Enter, not the button: the textbox submits after its own value update, whereas a click
+    # right after fill() could send the old name on a loaded machine (seen once in CI).
+    name_box.press("Enter")
     expect(page.locator("#status")).to_contain_text("Saved sample app/from_browser", timeout=20_000)
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):

@@ -367,8 +367,9 @@ def build_ui(editor: Editor) -> gr.Blocks:
             return (f"**Saved** sample `{category}/{name}` in `{root}`; run it with "
                     f"`python scripts/train.py data=dragbench data.root={root}`", _default_name())
 
-        save_btn.click(on_save, [image_st, points_st, mask_st, prompt, save_dir, save_cat,
-                                 save_name], [status, save_name])
+        save_inputs = [image_st, points_st, mask_st, prompt, save_dir, save_cat, save_name]
+        save_btn.click(on_save, save_inputs, [status, save_name])
+        save_name.submit(on_save, save_inputs, [status, save_name])   # Enter in the name box
     return demo
 
 
