@@ -286,8 +286,8 @@ def _estimate(estimator: Estimator, latent: torch.Tensor, t, up_scale: int, refs
     n = latent.shape[0]
     with torch.enable_grad():
         leaves = [latent.detach().requires_grad_(True) for _ in range(2 if split else 1)]
-        extra = [r.latents.to(latent) for r in refs if isinstance(r, ReferenceLatents)]
-        batch = leaves + [r.detach() for r in extra]
+        batch = leaves + [r.latents.to(latent).detach() for r in refs
+                          if isinstance(r, ReferenceLatents)]
         if len(batch) == 1:
             cur = [resize_features(estimator(batch[0], t), up_scale)]
             return (leaves[0], leaves[0]), cur, list(refs)

@@ -90,19 +90,28 @@ def _image(h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+def _lora_module(tiny, emb, image, steps, **switches):
+    """A rank-4 LoRA on a copy of the tiny UNet (seeded init) and its fine-tuning module."""
+    unet = copy.deepcopy(tiny.unet)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        add_lora(unet, rank=4)
+    module = LoRAFineTune(unet, tiny.vae, emb, image, rank=4, lr=1e-2, steps=steps,
+                          batch_size=2, resolution=64, draws=RandomDraws(5), **switches)
+    return unet, module
+
+
+def _largest_difference(a: dict, b: dict) -> float:
+    return max(float((a[k] - v).abs().max()) for k, v in b.items())
+
+
 @pytest.mark.parametrize("shape", [(64, 96), (64, 64)])
 def test_prefetched_lora_steps_equal_the_faithful_ones(tiny, shape):
     """Same draws in the same order, each distinct view encoded once: the same LoRA."""
     emb = tiny.encode_prompt("a cat")
     finals, losses = {}, {}
     for prefetch in (False, True):
-        unet = copy.deepcopy(tiny.unet)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            add_lora(unet, rank=4)
-        module = LoRAFineTune(unet, tiny.vae, emb, _image(*shape), rank=4, lr=1e-2, steps=3,
-                              batch_size=2, resolution=64, draws=RandomDraws(5),
-                              prefetch=prefetch)
+        unet, module = _lora_module(tiny, emb, _image(*shape), 3, prefetch=prefetch)
         seen = []
         step = module.training_step
 
@@ -119,7 +128,7 @@ def test_prefetched_lora_steps_equal_the_faithful_ones(tiny, shape):
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5, atol=1e-7)
     # the VAE sees the views in other batches (rounding ~1e-7), which AdamW's normalised first
     # steps can turn into ~lr-sized moves of weights whose gradient is ~0
-    worst = max(float((finals[True][k] - v).abs().max()) for k, v in finals[False].items())
+    worst = _largest_difference(finals[True], finals[False])
     assert worst < 1e-3                                         # a tenth of one lr step
 
 
@@ -130,13 +139,7 @@ def test_fused_optimizer_steps_equal_the_per_tensor_ones_in_a_few_launches(tiny)
     emb = tiny.encode_prompt("a cat")
     finals, launches = {}, {}
     for fused in (False, True):
-        unet = copy.deepcopy(tiny.unet)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            add_lora(unet, rank=4)
-        module = LoRAFineTune(unet, tiny.vae, emb, _image(64, 64), rank=4, lr=1e-2, steps=2,
-                              batch_size=2, resolution=64, draws=RandomDraws(5),
-                              fused_optimizer=fused)
+        unet, module = _lora_module(tiny, emb, _image(64, 64), 2, fused_optimizer=fused)
         fit_lora(module, progress=False, trainer_kwargs=CPU)
         finals[fused] = lora_state_dict(unet)
         opt = module.configure_optimizers()
@@ -146,7 +149,7 @@ def test_fused_optimizer_steps_equal_the_per_tensor_ones_in_a_few_launches(tiny)
         with count_flops() as c:
             opt.step()
         launches[fused] = c.launches
-    worst = max(float((finals[True][k] - v).abs().max()) for k, v in finals[False].items())
+    worst = _largest_difference(finals[True], finals[False])
     # the fused kernel rounds differently; AdamW's normalised first steps make that ~1e-5 here
     assert worst < 1e-4                                         # a hundredth of one lr step
     n_tensors = len(finals[False])
