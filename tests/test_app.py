@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -246,6 +247,11 @@ def test_upload_click_run_download_and_save_as_sample(app_url, browser_page, tmp
     sample = ProceduralSamples(n=1, size=(64, 64))[0]
     Image.fromarray(sample.image).save(tmp_path / "disc.png")
     page = _open(browser_page, url)
+    # The save accordion is opened first: its fields mount (with their default values) on
+    # opening, which on a loaded machine could overwrite a name typed right after the click.
+    page.click("#save-acc .label-wrap")
+    name_box = page.locator("#save-name input, #save-name textarea").first
+    expect(name_box).to_have_value(re.compile(r"^sample_\d{8}_\d{6}$"))
     page.set_input_files("#upload input[type=file]", str(tmp_path / "disc.png"))
     page.wait_for_selector("#points img")
     _click_image(page, "#points", 0.5, 0.5)                  # handle: the centre
@@ -272,8 +278,6 @@ def test_upload_click_run_download_and_save_as_sample(app_url, browser_page, tmp
     if shot:
         page.screenshot(path=shot, full_page=True)
 
-    page.click("#save-acc .label-wrap")
-    name_box = page.locator("#save-name input, #save-name textarea").first
     name_box.fill("from_browser")
     expect(name_box).to_have_value("from_browser")
     # Enter, not the button: the textbox submits after its own value update, whereas a click
