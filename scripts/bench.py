@@ -16,9 +16,9 @@ Any ``configs/train.yaml`` override works (``model=local model.path=...``, ``dat
 * ``bench.flops=auto``: where FLOPs are counted: ``separate`` (on the warm-up pass, or an
   extra pass), ``timed`` (on the timed pass: cheaper, but the counter's per-op overhead is
   then in the seconds), ``off``. auto: ``timed`` for a quick CPU run, else ``separate``.
-* ``bench.quick=false``: a smoke run: LoRA and drag steps capped at 10 and, for the
-  latent-optimising methods and EasyDrag, a 20-step DDIM schedule (per-step figures stay
-  comparable, totals do not). ``python scripts/bench.py method=dragnoise bench.quick=true``
+* ``bench.quick=false``: a smoke run: LoRA steps capped at 5, drag steps at 10 and, for the
+  latent-optimising methods and EasyDrag, a 20-step DDIM schedule, for DragonDiffusion half
+  its schedule (25 of 50 steps, 15 guided) (per-step figures stay comparable, totals do not). ``python scripts/bench.py method=dragnoise bench.quick=true``
   on the tiny model finishes in under a minute on a CPU.
 * ``bench.json=PATH``: where the JSON goes (default ``outputs/bench/bench_<time>.json``).
 
@@ -102,16 +102,31 @@ def first_sample(cfg, resolution: int, overrides: list[str]):
     return data[0]
 
 
+DRAGON_STEP_KEYS = ("guidance_steps", "dense_guidance_steps", "time_travel_steps", "sde_steps",
+                    "ip_steps", "bank_start_step", "blend_bank_steps")
+
+
 def quick_overrides(cfg) -> list[str]:
+    """Hydra overrides of a smoke run (``bench.quick``): fewer LoRA / drag steps, a shorter
+    sampling schedule (per-step figures stay comparable, totals do not)."""
     m, out = cfg.method, []
-    for key in ("lora_steps", "n_pix_step"):
-        if key in m and int(m[key]) > 10:
-            out.append(f"method.{key}=10")
+    for key, cap in (("lora_steps", 5), ("n_pix_step", 10)):
+        if key in m and int(m[key]) > cap:
+            out.append(f"method.{key}={cap}")
     if "inversion_strength" in m or "n_actual_inference_step" in m:
         out.append("method.n_inference_step=20")
     if "n_actual_inference_step" in m:
         n_actual = round(int(m.n_actual_inference_step) * 20 / int(m.n_inference_step))
         out.append(f"method.n_actual_inference_step={n_actual}")
+    if "guidance_steps" in m:
+        # DragonDiffusion's plan is in step indices: halve the schedule and every index in it
+        n = int(m.n_inference_step)
+        out.append(f"method.n_inference_step={n // 2}")
+        for key in DRAGON_STEP_KEYS:
+            if key in m:
+                steps = [int(i) * (n // 2) // n for i in np.atleast_1d(m[key])]
+                value = steps[0] if isinstance(m[key], int) else steps
+                out.append(f"method.{key}={value}".replace(" ", ""))
     return out
 
 

@@ -223,6 +223,24 @@ def test_flop_sum_counts_convolutions_matmuls_and_cpu_attention():
     assert c.get_total_flops() == 2 * (2 * 2 * 16 * 16 * 8)     # QK^T and AV
 
 
+def test_flop_sum_agrees_with_torch_flop_counter_on_a_unet_step(tiny):
+    """FlopSum evaluates the formulas its own, cheaper way; over a UNet forward and backward
+    (linear layers, convolutions, attention and their gradients) it sums what PyTorch's
+    FlopCounterMode sums (with the CPU attention formulas dragexp.profiling registers)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dragexp.profiling import count_flops
+
+    z, text = _problem(tiny)
+    z = z.expand(2, -1, -1, -1).clone().requires_grad_()
+    totals = []
+    for mode in (count_flops(), FlopCounterMode(display=False)):
+        with mode:
+            tiny.unet(z, 500, encoder_hidden_states=text.expand(2, -1, -1)).sample.sum().backward()
+        totals.append(mode.get_total_flops())
+    assert totals[0] == totals[1] > 0
+
+
 def test_stage_probe_sees_every_timed_stage():
     from dragexp.profiling import StageProbe
     from dragexp.stages import StageTimer, observe_stages
@@ -288,13 +306,37 @@ def test_merged_lora_computes_the_adapter_with_the_launches_of_a_plain_unet(tiny
     assert all(torch.equal(p, base[n]) for n, p in unet.named_parameters() if n in base)
 
 
-@pytest.mark.slow
-def test_bench_script_writes_its_table(tmp_path, capsys):
-    """scripts/bench.py: both settings, every stage, forward-equivalents, one JSON."""
+def _bench_script():
     spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules["bench"] = bench
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("method", ["dragdiffusion", "dragnoise", "easydrag", "dragondiffusion"])
+def test_quick_bench_shortens_each_method_to_a_valid_run(method):
+    """bench.quick: the capped settings still build the method (DragonDiffusion's step indices
+    are halved with its schedule, so its plan stays inside the 25 steps)."""
+    from hydra.utils import instantiate
+
+    bench = _bench_script()
+    full = bench.compose(method, [])
+    quick = bench.compose(method, bench.quick_overrides(full))
+    built = instantiate(quick.method)
+    if method == "dragondiffusion":
+        assert (quick.method.n_inference_step, quick.method.guidance_steps) == (25, 15)
+        assert len(built.schedule.timesteps) == 25
+    else:
+        assert quick.method.get("lora_steps", 5) <= 5
+        assert quick.method.get("n_pix_step", 10) <= 10
+        assert quick.method.n_inference_step == 20
+
+
+@pytest.mark.slow
+def test_bench_script_writes_its_table(tmp_path, capsys):
+    """scripts/bench.py: both settings, every stage, forward-equivalents, one JSON."""
+    bench = _bench_script()
     out = tmp_path / "b.json"
     report = bench.main(["method=dragnoise", "bench.quick=true", "method.lora_steps=2",
                          "method.n_pix_step=3", "method.n_inference_step=10",
