@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .data.sample import rgb
+
 __all__ = ["draw_drag", "side_by_side"]
 
 HANDLE_COLOR = (230, 25, 25)
@@ -29,15 +31,10 @@ def _as_rgb(image: np.ndarray, what: str = "image") -> np.ndarray:
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"{what}: dtype {image.dtype}, expected uint8")
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = image[:, :, :3]
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{what}: shape {tuple(image.shape)}, expected (H, W, 3)")
-    return np.ascontiguousarray(image)
+    try:
+        return np.ascontiguousarray(rgb(image))
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 def _font(px: int):

@@ -108,6 +108,21 @@ def _check_name(name: Any) -> str:
     return name
 
 
+def rgb(image: np.ndarray) -> np.ndarray:
+    """The (H, W, 3) RGB form of an image array: (H, W) and (H, W, 1) gray are repeated to three
+    channels, (H, W, 4) RGBA loses its alpha; any other shape is a ValueError."""
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"shape {tuple(image.shape)}, expected (H, W, 3) RGB "
+                         "((H, W) gray and (H, W, 4) RGBA are converted)")
+    return image
+
+
 def _check_image(name: str, image: Any) -> np.ndarray:
     if image is not None and not isinstance(image, np.ndarray) and hasattr(image, "convert"):
         image = np.asarray(image.convert("RGB"))  # a PIL image
@@ -118,17 +133,10 @@ def _check_image(name: str, image: Any) -> np.ndarray:
             name, "image", f"dtype {image.dtype}, expected uint8 with values 0..255 "
             "(convert e.g. with (img * 255).round().clip(0, 255).astype(np.uint8))"
         )
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = image[:, :, :3]
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise _err(
-            name, "image", f"shape {tuple(image.shape)}, expected (H, W, 3) RGB "
-            "((H, W) gray and (H, W, 4) RGBA are converted)"
-        )
+    try:
+        image = rgb(image)
+    except ValueError as e:
+        raise _err(name, "image", str(e)) from None
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise _err(name, "image", f"empty image of shape {tuple(image.shape)}")
     return np.ascontiguousarray(image).copy()

@@ -36,6 +36,7 @@ import torch
 
 from ..features import feature_module
 from ..models.bundle import ModelBundle
+from ..models.tiny import sd_vae_config
 from ..schedule import sd_alphas_cumprod
 from .resize import to_signed_unit
 
@@ -306,10 +307,7 @@ def build_tiny_dift(seed: int = 0) -> ModelBundle:
     a 4-level VAE (16/16/32/32 channels); a 1-layer text encoder of width 16.
     """
     unet = _sd21_unet_config((32, 32, 32, 32), [2, 4, 8, 8], 16, 32)
-    vae = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-               up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 32, 32),
-               layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
-               scaling_factor=0.18215)
+    vae = sd_vae_config((16, 16, 32, 32), 1, 8, 64)
     return _bundle(unet, vae, (16, 1, 2, 32), seed, f"tiny_dift(seed={seed})", 512)
 
 
@@ -320,10 +318,7 @@ def build_sd21_random(seed: int = 0) -> ModelBundle:
     projections; SD's VAE; OpenCLIP-H's text tower shape (1024 wide, 23 layers, 16 heads).
     """
     unet = _sd21_unet_config((320, 640, 1280, 1280), [5, 10, 20, 20], 1024, 32)
-    vae = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-               up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-               layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=768,
-               scaling_factor=0.18215)
+    vae = sd_vae_config((128, 256, 512, 512), 2, 32, 768)
     return _bundle(unet, vae, (1024, 23, 16, 4096), seed, f"sd21_random(seed={seed})", 768)
 
 

@@ -18,6 +18,17 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from dragexp.models.bundle import ModelBundle
 
 SD15_SCALING_FACTOR = 0.18215
+
+
+def sd_vae_config(block_out_channels: tuple[int, ...], layers_per_block: int,
+                  norm_num_groups: int, sample_size: int) -> dict:
+    """``AutoencoderKL`` config of Stable Diffusion's VAE layout (4 levels, 8x down, 4 latent
+    channels, SD 1.x/2.x scaling factor) at the given width."""
+    return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=block_out_channels,
+                layers_per_block=layers_per_block, latent_channels=4,
+                norm_num_groups=norm_num_groups, sample_size=sample_size,
+                scaling_factor=SD15_SCALING_FACTOR)
 _CROSS_ATTN_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 _CROSS_ATTN_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 
@@ -132,18 +143,7 @@ def build_tiny(seed: int = 0, resolution: int = 128) -> ModelBundle:
     Returns:
         A float32, eval-mode, frozen bundle on the CPU.
     """
-    vae_config = dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=resolution,
-        scaling_factor=SD15_SCALING_FACTOR,
-    )
+    vae_config = sd_vae_config((16, 32, 32, 32), 1, 8, resolution)
     tokenizer = build_offline_tokenizer()
     text_config = dict(
         vocab_size=len(tokenizer),
@@ -183,18 +183,7 @@ def build_sd15_random(seed: int = 0) -> ModelBundle:
         cross_attention_dim=768,
         norm_num_groups=32,
     )
-    vae_config = dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=512,
-        scaling_factor=SD15_SCALING_FACTOR,
-    )
+    vae_config = sd_vae_config((128, 256, 512, 512), 2, 32, 512)
     # CLIP ViT-L/14's text tower, as used by SD 1.5.
     text_config = dict(
         vocab_size=49408,
