@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -98,6 +99,7 @@ class FlopSum(TorchDispatchMode):
         super().__init__()
         self.total = 0
         self.launches = 0
+        self.by_op: Counter[str] = Counter()      # launches per op (``add``, ``convolution``...)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -105,6 +107,7 @@ class FlopSum(TorchDispatchMode):
         packet = func._overloadpacket
         if packet.__name__ not in NO_KERNEL:
             self.launches += 1
+            self.by_op[packet.__name__] += 1
         formula = flop_counter.flop_registry.get(packet)
         if formula is not None:
             raw = _DIRECT_FORMULAS.get(packet) or getattr(formula, "__wrapped__", None)
@@ -163,14 +166,15 @@ class StageProbe:
         rec.peak_bytes = max(rec.peak_bytes, int(peak))
 
 
-def unet_forward_work(unet, latent_hw: tuple[int, int], text: torch.Tensor) -> tuple[int, int]:
-    """(FLOPs, kernel launches) of one batch-1 no-grad UNet forward at ``latent_hw``, as the
-    UNet is now (adapters, processors): the units of forward-equivalents."""
+def unet_forward_work(unet, latent_hw: tuple[int, int], text: torch.Tensor) -> FlopSum:
+    """FLOPs (``total``) and kernel launches (``launches``, ``by_op``) of one batch-1 no-grad
+    UNet forward at ``latent_hw``, as the UNet is now (adapters, processors): the units of
+    forward-equivalents."""
     p = next(unet.parameters())
     x = torch.zeros(1, unet.config.in_channels, *latent_hw, device=p.device, dtype=p.dtype)
     with torch.no_grad(), count_flops() as counter:
         unet(x, 500, encoder_hidden_states=text.to(p), return_dict=False)
-    return int(counter.get_total_flops()), counter.launches
+    return counter
 
 
 def unet_forward_seconds(unet, latent_hw: tuple[int, int], text: torch.Tensor, batch: int = 1,

@@ -29,8 +29,9 @@ its share of the device's peak (datasheet peak on NVIDIA GPUs, the measured fp32
 matrix-product rate on a CPU), kernel launches (dispatched ops that run a kernel) and what
 they would cost at the price of one launch of the plain forward (an eager GPU edit at 512 px
 costs about that: see ``dragexp.profiling``), and peak memory (CUDA: allocated during the
-stage; CPU: the process's peak resident size so far). Then the fast/faithful time ratio per stage and the
-difference of the two edited images (max pixel difference, LPIPS when the AlexNet weights are
+stage; CPU: the process's peak resident size so far). Above each table: the plain forward's
+launches by op (which ops a fusion or a compiled graph would have to remove). Then the
+faithful/fast time ratio per stage and the difference of the two edited images (max pixel difference, LPIPS when the AlexNet weights are
 on disk). The same figures go to the JSON file.
 """
 
@@ -192,7 +193,8 @@ def bench_method(method: str, opts: dict, overrides: list[str], master, load_s: 
             to_device_s = time.perf_counter() - t0
             text = models.encode_prompt(sample.prompt)
             h, w = sample.image.shape[:2]
-            unit, unit_launches = unet_forward_work(models.unet, (h // 8, w // 8), text)
+            forward = unet_forward_work(models.unet, (h // 8, w // 8), text)
+            unit, unit_launches = forward.total, forward.launches
             fwd_s = {b: unet_forward_seconds(models.unet, (h // 8, w // 8), text, b, precision)
                      for b in (1, 2)}
             counted = None
@@ -225,6 +227,7 @@ def bench_method(method: str, opts: dict, overrides: list[str], master, load_s: 
                 precision=precision, speed=speed.__dict__, stages=rows, num_steps=result.num_steps,
                 stopped_early=result.stopped_early, unet_forward_flops=unit,
                 unet_forward_launches=unit_launches, launch_price_s=price,
+                unet_forward_launches_by_op=dict(forward.by_op.most_common()),
                 unet_forward_seconds={f"batch{b}": v for b, v in fwd_s.items()}, peak_tflops=peak,
                 peak_source=peak_source)
         except Exception as exc:   # keep the other settings' and methods' figures
@@ -285,6 +288,9 @@ def print_method(res: dict, device_label: str) -> None:
               f"{s['unet_forward_launches']} launches; "
               f"peak {s['peak_tflops'] and round(s['peak_tflops'], 2)} TFLOP/s "
               f"({s['peak_source']})")
+        ops = ", ".join(f"{op} {n}" for op, n in
+                        list(s.get("unet_forward_launches_by_op", {}).items())[:10])
+        print(f"   its launches by op: {ops}")
         fs = s["unet_forward_seconds"]
         print(f"   one plain UNet forward (no grad): batch 1 {1000 * fs['batch1']:.1f} ms, "
               f"batch 2 {1000 * fs['batch2']:.1f} ms; {1e6 * s['launch_price_s']:.1f} us "

@@ -360,6 +360,8 @@ def test_bench_script_writes_its_table(tmp_path, capsys):
     faithful, fast = (res["settings"][n]["stages"]["inversion"]["launches"]
                       for n in ("faithful", "fast"))
     unit = res["settings"]["fast"]["unet_forward_launches"]
+    by_op = res["settings"]["fast"]["unet_forward_launches_by_op"]
+    assert sum(by_op.values()) == unit and by_op["convolution"] > 0
     assert fast < faithful and 7 * unit <= fast < 7 * unit * 1.1   # merged LoRA: plain calls
     inversion = res["settings"]["fast"]["stages"]["inversion"]
     price = res["settings"]["fast"]["launch_price_s"]
