@@ -69,8 +69,7 @@ def _shape(value):
     if isinstance(value, torch.Tensor):
         return value.shape
     if isinstance(value, (list, tuple)):
-        return type(value)(_shape(v) for v in value) if not hasattr(value, "_fields") \
-            else type(value)(*(_shape(v) for v in value))
+        return [_shape(v) for v in value]
     return value
 
 
@@ -115,8 +114,8 @@ class FlopSum(TorchDispatchMode):
                 self.total += int(formula(*args, **kwargs, out_val=out))
             else:
                 # The registry's shape wrapper maps tensors to shapes with a general pytree
-                # walk, which cost more than the op itself per call; the arguments here are
-                # tensors, scalars and flat lists, mapped directly.
+                # walk, a large part of the counter's own cost on a small model; the
+                # arguments here are tensors, scalars and lists, mapped directly.
                 self.total += int(raw(*[_shape(a) for a in args], out_shape=_shape(out),
                                       **{k: _shape(v) for k, v in kwargs.items()}))
         return out

@@ -16,10 +16,10 @@ Any ``configs/train.yaml`` override works (``model=local model.path=...``, ``dat
 * ``bench.flops=auto``: where FLOPs are counted: ``separate`` (on the warm-up pass, or an
   extra pass), ``timed`` (on the timed pass: cheaper, but the counter's per-op overhead is
   then in the seconds), ``off``. auto: ``timed`` for a quick CPU run, else ``separate``.
-* ``bench.quick=false``: a smoke run: LoRA steps capped at 5, drag steps at 10 and, for the
-  latent-optimising methods and EasyDrag, a 20-step DDIM schedule, for DragonDiffusion half
-  its schedule (25 of 50 steps, 15 guided) (per-step figures stay comparable, totals do not). ``python scripts/bench.py method=dragnoise bench.quick=true``
-  on the tiny model finishes in under a minute on a CPU.
+* ``bench.quick=false``: a smoke run: LoRA steps capped at 5, drag steps at 10, a 20-step
+  DDIM schedule for the latent-optimising methods and EasyDrag, half the schedule for
+  DragonDiffusion (25 of 50 steps, 15 guided); per-step figures stay comparable, totals do
+  not. Each method's quick run on the tiny model finishes in under a minute on a CPU.
 * ``bench.json=PATH``: where the JSON goes (default ``outputs/bench/bench_<time>.json``).
 
 For each method and setting it prints one row per stage (model load, LoRA, encode, inversion,
@@ -31,8 +31,8 @@ they would cost at the price of one launch of the plain forward (an eager GPU ed
 costs about that: see ``dragexp.profiling``), and peak memory (CUDA: allocated during the
 stage; CPU: the process's peak resident size so far). Above each table: the plain forward's
 launches by op (which ops a fusion or a compiled graph would have to remove). Then the
-faithful/fast time ratio per stage and the difference of the two edited images (max pixel difference, LPIPS when the AlexNet weights are
-on disk). The same figures go to the JSON file.
+faithful/fast time ratio per stage and the difference of the two edited images (max pixel
+difference, LPIPS when the AlexNet weights are on disk). The same figures go to the JSON file.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ def sd_vae_config(block_out_channels: tuple[int, ...], layers_per_block: int,
                 layers_per_block=layers_per_block, latent_channels=4,
                 norm_num_groups=norm_num_groups, sample_size=sample_size,
                 scaling_factor=SD15_SCALING_FACTOR)
+
+
 _CROSS_ATTN_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 _CROSS_ATTN_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 
