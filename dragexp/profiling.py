@@ -97,7 +97,6 @@ class FlopSum(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.total = 0
-        self.launches = 0
         self.by_op: Counter[str] = Counter()      # launches per op (``add``, ``convolution``...)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -105,7 +104,6 @@ class FlopSum(TorchDispatchMode):
         out = func(*args, **kwargs)
         packet = func._overloadpacket
         if packet.__name__ not in NO_KERNEL:
-            self.launches += 1
             self.by_op[packet.__name__] += 1
         formula = flop_counter.flop_registry.get(packet)
         if formula is not None:
@@ -122,6 +120,10 @@ class FlopSum(TorchDispatchMode):
 
     def get_total_flops(self) -> int:
         return self.total
+
+    @property
+    def launches(self) -> int:
+        return sum(self.by_op.values())
 
 
 def count_flops() -> FlopSum:

@@ -168,10 +168,10 @@ def bench_method(method: str, opts: dict, overrides: list[str], master, load_s: 
     from dragexp.speed import apply_to_models
 
     cfg = compose(method, overrides)
-    if _flag(opts["quick"], False):
+    quick = _flag(opts["quick"], False)
+    if quick:
         cfg = compose(method, quick_overrides(cfg) + overrides)
     sample = first_sample(cfg, int(master.resolution), overrides)
-    quick = _flag(opts["quick"], False)
     warmup = _flag(opts["warmup"], device.type == "cuda")
     flops = opts["flops"]
     if flops == "auto":

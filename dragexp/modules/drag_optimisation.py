@@ -276,7 +276,7 @@ class DragOptimisation(L.LightningModule):
     # -- Lightning plumbing ------------------------------------------------------------------
     def configure_optimizers(self):
         return torch.optim.Adam([self.param], lr=self.lr,
-                                fused=True if self.fused_optimizer else None)
+                                fused=self.fused_optimizer or None)
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(range(self.n_steps), batch_size=None)

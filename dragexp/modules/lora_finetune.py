@@ -267,7 +267,7 @@ class LoRAFineTune(L.LightningModule):
                 raise TypeError(f"LoRA weights must be float32, got {p.dtype}")
         return torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.999), eps=1e-8,
                                  weight_decay=self.weight_decay,
-                                 fused=True if self.fused_optimizer else None)
+                                 fused=self.fused_optimizer or None)
 
     def encode_views(self) -> torch.Tensor:
         """One step's model input: posterior sample of the augmented views times the scale."""
