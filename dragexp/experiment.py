@@ -72,6 +72,7 @@ def build_drag_callbacks(cfg: DictConfig) -> list:
 
 def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run the configured method over the configured data; returns the run summary."""
+    check_required(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(cfg.seed))
@@ -100,11 +101,16 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     indices = shard_indices(len(data), shard, num_shards)
     from tqdm.auto import tqdm
 
+    skipped: list[str] = []
     for index, name, sample, error in tqdm(iter_samples(data, indices), total=len(indices),
                                            desc="samples", disable=not cfg.progress):
         if error is None and cfg.resume and is_done(results_dir, name):
             rows.append(json.loads((results_dir / name / "result.json").read_text()))
+            skipped.append(name)
             continue
+        if error is None and not sample.has_mask:
+            log.info("sample %s: the mask is empty (all black): %s edits it as 'no mask drawn', "
+                     "what its authors do without a mask", name, method.name)
         if error is None:
             try:
                 torch.manual_seed(int(cfg.seed))
@@ -143,9 +149,57 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
                                     if hasattr(data, "names") else None, wandb_run=wb.run))
     write_json_atomic(out_dir / "run_summary.json", dict(summary, samples=rows))
     wb.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    if skipped:
+        log.info("skipping %d finished samples (resume=true; resume=false redoes them)%s",
+                 len(skipped), ": " + ", ".join(skipped) if log.isEnabledFor(logging.DEBUG) else "")
     log.info("done: %d edited, %d failed, results in %s", summary["num_done"],
              summary["num_failed"], results_dir)
+    if errors:
+        total = len(errors) + len(rows)
+        log.warning("%d of %d samples failed, see %s; the first: %s: %s", len(errors), total,
+                    out_dir / "errors.json", errors[0]["name"], errors[0]["error"])
+        if not rows:
+            raise RunFailed(f"no sample succeeded: all {len(errors)} failed (see "
+                            f"{out_dir / 'errors.json'}); the first, {errors[0]['name']}: "
+                            f"{errors[0]['error']}")
     return summary
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or that produced nothing; ``scripts/train.py`` prints its one
+    line and exits non-zero."""
+
+
+class RunFailed(RunError):
+    """Raised after a run whose every sample failed; the summary and errors.json are written."""
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Mandatory values (``???``) of the model and data groups, named with what to pass."""
+    hints = {
+        "data.root": "pass data.root=/path/to/DragBench (or your folder of edits), or try it on "
+                     "built-in samples with data=toybench (ground truth) or data=samples",
+        "model.path": "pass model.path=/path/to/model (a diffusers folder or checkpoint), or use "
+                      "the built-in model=toy",
+    }
+    for group in ("data", "model"):
+        node = cfg.get(group)
+        if node is None:
+            continue
+        for key in node:
+            if OmegaConf.is_missing(node, key):
+                name = f"{group}.{key}"
+                raise RunError(f"{name} is not set ({group}={_choice(group)}): "
+                               + hints.get(name, f"pass {name}=..."))
+
+
+def _choice(group: str) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices.get(group))
+    except Exception:
+        return "?"
 
 
 def _remove_partial(results_dir: Path) -> None:
@@ -197,6 +251,24 @@ def summarise(rows: list[dict], errors: list[dict], method: str, model: str, loa
     for s in stages:
         vals = [r["timings"][s] for r in rows if s in r.get("timings", {})]
         out[f"seconds_{s}"] = sum(vals) / len(vals)
+    out.update(ground_truth_means(rows))
+    return out
+
+
+def ground_truth_means(rows: list[dict]) -> dict:
+    """Means of the toybench ground-truth metrics over the samples that have them:
+    ``gt_<metric>`` for the edits and ``gt_noedit_<metric>`` for their unedited sources."""
+    from .evaluation.ground_truth import METRICS
+
+    scored = [r["ground_truth"] for r in rows if r.get("ground_truth")]
+    if not scored:
+        return {}
+    out = {"gt_num_samples": len(scored)}
+    for which, prefix in (("edited", "gt_"), ("no_edit", "gt_noedit_")):
+        for m in METRICS:
+            vals = [g[which][m] for g in scored if isinstance(g[which].get(m), (int, float))
+                    and not math.isnan(g[which][m])]
+            out[prefix + m] = sum(vals) / len(vals) if vals else float("nan")
     return out
 
 

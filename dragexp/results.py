@@ -2,7 +2,9 @@
 
 Layout (one folder per sample, the layout community evaluators read):
 ``<out>/<sample name>/dragged_image.png``, ``source_annotated.png`` (handles, targets and the
-handle trajectories drawn), ``comparison.png``, ``trajectory.json``, ``result.json``.
+handle trajectories drawn), ``comparison.png``, ``trajectory.json``, ``result.json``; for a
+sample with a known true result (toybench) also ``ground_truth.png`` and the edit's
+ground-truth metrics in ``result.json``.
 A sample's folder is written under a temporary name and renamed, so a run killed at any moment
 leaves either a complete sample or none.
 """
@@ -10,6 +12,7 @@ leaves either a complete sample or none.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -37,16 +40,26 @@ def write_result(out: str | Path, sample, result, extra: dict | None = None) -> 
     final = sample_dir(out, sample.name)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    # mkdtemp makes the folder 0700; the finished sample folder gets the user's umask instead.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         Image.fromarray(result.image).save(tmp / "dragged_image.png")
+        truth = (getattr(sample, "extras", None) or {}).get("ground_truth")
+        if truth is not None:   # toybench: the true edited image, and the edit scored against it
+            Image.fromarray(truth["image"]).save(tmp / "ground_truth.png")
         traj_lists = _per_handle(result.trajectory_xy)
         annotated = draw_drag(sample.image, result.handles_xy, result.targets_xy, traj_lists,
                               mask=sample.mask)
         Image.fromarray(annotated).save(tmp / "source_annotated.png")
         reached = result.trajectory_xy[-1] if result.trajectory_xy else result.handles_xy
         edited_marked = draw_drag(result.image, [tuple(p) for p in reached], result.targets_xy)
-        Image.fromarray(side_by_side([annotated, edited_marked], ["source", "edited"])).save(
-            tmp / "comparison.png")
+        panels, titles = [annotated, edited_marked], ["source", "edited"]
+        if truth is not None:
+            panels.append(draw_drag(truth["image"], [], []))
+            titles.append("ground truth")
+        Image.fromarray(side_by_side(panels, titles)).save(tmp / "comparison.png")
         (tmp / "trajectory.json").write_text(json.dumps({
             "convention": "handles[k][i] = [x, y] image pixels of handle i after the tracking "
                           "of optimisation step k (k = 0: clicked handles)",
@@ -60,6 +73,8 @@ def write_result(out: str | Path, sample, result, extra: dict | None = None) -> 
                     stopped_early=result.stopped_early, lora_path=result.lora_path,
                     timings=result.timings, final_distance_px=final_distance(result),
                     initial_distance_px=initial_distance(result), **(extra or {}))
+        if truth is not None:
+            info["ground_truth"] = ground_truth_block(result.image, sample)
         metrics = (getattr(result, "extras", None) or {}).get("metrics")
         if metrics:   # a method's own per-sample numbers, e.g. an analysis' reconstruction error
             info["metrics"] = {k: float(v) for k, v in metrics.items()}
@@ -77,6 +92,22 @@ def write_result(out: str | Path, sample, result, extra: dict | None = None) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def ground_truth_block(image: np.ndarray, sample) -> dict:
+    """``result.json``'s ``ground_truth``: :mod:`dragexp.evaluation.ground_truth` metrics of the
+    edit and of the unedited source (the no-edit baseline); ``inf`` is written as null."""
+    from .evaluation.ground_truth import ground_truth_metrics
+
+    truth = sample.extras["ground_truth"]
+
+    def finite(m: dict) -> dict:
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in m.items()}
+
+    return dict(edit=truth.get("edit"),
+                edited=finite(ground_truth_metrics(image, sample.image, sample.mask, truth)),
+                no_edit=finite(ground_truth_metrics(sample.image, sample.image, sample.mask,
+                                                    truth)))
 
 
 def _per_handle(traj: list[list[list[float]]]) -> list[list[tuple[float, float]]]:

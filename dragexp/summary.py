@@ -19,7 +19,10 @@ log = logging.getLogger("dragexp")
 COLUMNS = ["setting", "method", "num_done", "num_failed", "mean_initial_distance_px",
            "mean_final_distance_px", "reached_fraction", "mean_num_steps", "seconds_lora",
            "seconds_inversion", "seconds_optimisation", "seconds_denoising", "seconds_total",
-           "eval_md", "eval_if", "eval_clip_sim", "eval_protocol", "job_dir"]
+           "eval_md", "eval_if", "eval_clip_sim", "eval_protocol",
+           # toybench ground truth (dragexp.evaluation.ground_truth): edit, then no-edit baseline
+           "gt_object_error_px", "gt_noedit_object_error_px", "gt_psnr_gt", "gt_noedit_psnr_gt",
+           "gt_ssim_gt", "gt_psnr_outside_mask", "job_dir"]
 
 
 def collect(root: str | Path) -> list[dict]:
@@ -69,7 +72,9 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
     labels = [_short(r["setting"]) for r in rows]
     x = range(len(rows))
-    fig, axes = plt.subplots(1, 3, figsize=(max(9, 1.6 * len(rows) * 1.5), 4))
+    truth = any("gt_object_error_px" in r for r in rows)
+    fig, axes = plt.subplots(1, 4 if truth else 3,
+                             figsize=(max(9 + 3 * truth, 1.6 * len(rows) * 1.5), 4))
     axes[0].bar(x, [r.get("mean_initial_distance_px", 0) for r in rows], color="#bbb",
                 label="before")
     axes[0].bar(x, [r.get("mean_final_distance_px", 0) for r in rows], width=0.5,
@@ -86,6 +91,13 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
         bottom = [b + v for b, v in zip(bottom, vals)]
     axes[2].set_title("seconds per edit")
     axes[2].legend(fontsize=7)
+    if truth:
+        axes[3].bar(x, [r.get("gt_noedit_object_error_px", 0) for r in rows], color="#bbb",
+                    label="no edit")
+        axes[3].bar(x, [r.get("gt_object_error_px", 0) for r in rows], width=0.5,
+                    color="#2a7", label="edited")
+        axes[3].set_title("object's distance from its true place (px)")
+        axes[3].legend()
     for ax in axes:
         ax.set_xticks(list(x))
         ax.set_xticklabels(labels, fontsize=7, rotation=30, ha="right")
@@ -109,4 +121,6 @@ class SweepSummary(Callback):
         write_summary(config.hydra.sweep.dir, title=config.get("experiment_name"))
 
     def on_run_end(self, config, **kwargs) -> None:
-        write_summary(config.hydra.run.dir, title=config.get("experiment_name"))
+        # A single run that wrote no summary failed, and said why; no second message for it.
+        if (Path(config.hydra.run.dir) / "run_summary.json").is_file():
+            write_summary(config.hydra.run.dir, title=config.get("experiment_name"))

@@ -20,7 +20,9 @@ Any ``configs/train.yaml`` override works (``model=local model.path=...``, ``dat
   DDIM schedule for the latent-optimising methods and EasyDrag, half the schedule for
   DragonDiffusion (25 of 50 steps, 15 guided); per-step figures stay comparable, totals do
   not. Each method's quick run on the tiny model finishes in under a minute on a CPU.
-* ``bench.json=PATH``: where the JSON goes (default ``outputs/bench/bench_<time>.json``).
+* ``bench.json=PATH``: where the JSON goes (default ``<hydra.run.dir>/bench_<time>.json`` when
+  ``hydra.run.dir=`` is given, else ``outputs/bench/bench_<time>.json``); its path is the
+  last line printed.
 
 For each method and setting it prints one row per stage (model load, LoRA, encode, inversion,
 optimisation, denoising / sampling, decode, total): seconds, FLOPs in UNet forward-equivalents
@@ -69,6 +71,8 @@ def parse(argv: list[str]) -> tuple[dict, list[str], list[str]]:
             opts[name] = value
         elif key == "method":
             methods = [m for m in value.split(",") if m]
+        elif key == "hydra.run.dir":   # the run folder of train.py: the JSON goes there
+            opts["run_dir"] = value
         else:
             overrides.append(arg)
     return opts, methods, overrides
@@ -87,14 +91,14 @@ def _flag(value: str, auto: bool) -> bool:
 
 
 def first_sample(cfg, resolution: int, overrides: list[str]):
-    """The benchmark's sample: the configured data's first; built-in procedural samples are
-    drawn at the model's resolution unless ``data.size`` was given."""
+    """The benchmark's sample: the configured data's first; built-in procedural and toybench
+    samples are drawn at the model's resolution unless ``data.size`` was given."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg.pop("shard", None), data_cfg.pop("num_shards", None)
-    if str(data_cfg.get("_target_", "")).endswith("ProceduralSamples") and \
+    if str(data_cfg.get("_target_", "")).endswith(("ProceduralSamples", "ToyBench")) and \
             not any(o.startswith("data.size=") for o in overrides):
         data_cfg["size"] = [resolution, resolution]
     data = instantiate(data_cfg)
@@ -339,7 +343,8 @@ def main(argv: list[str]) -> dict:
         res = bench_method(method, opts, overrides, master, load_s if i == 0 else 0.0, device)
         report["methods"][method] = res
         print_method(res, label)
-        path = Path(opts["json"] or ROOT / "outputs" / "bench" / f"bench_{stamp}.json")
+        folder = Path(opts["run_dir"]) if opts.get("run_dir") else ROOT / "outputs" / "bench"
+        path = Path(opts["json"] or folder / f"bench_{stamp}.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1))   # after every method: nothing is lost
     print(f"\nJSON: {path}")

@@ -30,7 +30,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--disable-dev-shm-usage", "--no-proxy-server"]
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # never via a proxy
-QUICK = ["model.resolution=64", "method.lora_steps=2", "method.lora_batch_size=1",
+QUICK = ["model=tiny", "model.resolution=64", "method.lora_steps=2", "method.lora_batch_size=1",
          "method.n_pix_step=3", "method.inversion_strength=0.1", "progress=false"]
 
 

@@ -67,3 +67,29 @@ def test_judge_rules():
     assert judge_key("latent_after_step", got, exp).ok
     assert not judge_key("F0", got, exp).ok
     assert not judge_key("x", torch.zeros(2), torch.zeros(3)).ok
+
+
+def _other_capability() -> str:
+    """The CPU kernel set torch does not pick by itself here (avx2 on an AVX-512 machine)."""
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    return "avx2" if "avx512f" in flags else "default"
+
+
+@pytest.mark.slow
+def test_every_case_passes_with_the_other_cpu_kernels():
+    """torch picks CPU kernels by instruction set; a case that passes only with one set would
+    fail on another kind of machine. Every public case, all kinds, once more with the other set
+    forced (ATEN_CPU_CAPABILITY)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    require_shared(CONFORMANCE)
+    cases = [str(p) for p in sorted(CONFORMANCE.iterdir()) if (p / "case.json").is_file()]
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=_other_capability(), OMP_NUM_THREADS="2")
+    p = subprocess.run([sys.executable, "-m", "dragexp.conformance", *cases],
+                       cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                       text=True, timeout=1800)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert p.stdout.count("PASS") == len(cases), p.stdout[-4000:]

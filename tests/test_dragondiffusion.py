@@ -404,7 +404,7 @@ def test_train_script_runs_dragondiffusion(tmp_path):
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "scripts/train.py", f"hydra.run.dir={tmp_path / 'run'}",
            f"paths.lora_cache={tmp_path / 'lora'}", "method=dragondiffusion", "logger=none",
-           "model.resolution=64", "data.size=[64,64]", "data.n=1", "method.max_resolution=64",
+           "model=tiny", "data=samples", "model.resolution=64", "data.size=[64,64]", "data.n=1", "method.max_resolution=64",
            "method.n_inference_step=6", "method.guidance_steps=4", "method.bank_start_step=1",
            "method.latent_copy_border=clip", "progress=false"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

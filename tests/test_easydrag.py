@@ -246,7 +246,7 @@ def test_train_method_easydrag_end_to_end(tmp_path):
     env = dict(os.environ, WANDB_SILENT="true", WANDB_MODE="offline", HYDRA_FULL_ERROR="1",
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "scripts/train.py", f"hydra.run.dir={tmp_path / 'run'}",
-           "method=easydrag", "logger=none", "model.resolution=64", "data.size=[60,76]",
+           "method=easydrag", "logger=none", "model=tiny", "data=samples", "model.resolution=64", "data.size=[60,76]",
            "data.n=1", "method.n_pix_step=3", "method.n_inference_step=20",
            "method.n_actual_inference_step=5", "method.ref_start_step=3",
            "progress=false"]

@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["model.resolution=64", "method.lora_steps=2", "method.lora_batch_size=1",
+# The random tiny model: these tests check the pipeline, not the edit (test_toybench does).
+QUICK = ["model=tiny", "model.resolution=64", "method.lora_steps=2", "method.lora_batch_size=1",
          "method.n_pix_step=3", "method.inversion_strength=0.1", "progress=false"]
-FAST = QUICK + ["data.size=[64,64]", "data.n=1"]
+FAST = QUICK + ["data=samples", "data.size=[64,64]", "data.n=1"]
 
 
 def train(tmp: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
@@ -99,7 +100,8 @@ def test_dragnoise_refuses_top_left_handle_by_default(tmp_path):
                                    "x"), tmp_path / "edits" / "edge")
     p = train(tmp_path, *QUICK, "logger=none", "method=dragnoise", "data=folder",
               f"data.root={tmp_path / 'edits'}")
-    assert p.returncode == 0, p.stderr[-3000:]
+    # Its only sample failed, so the run fails, with the sample's message.
+    assert p.returncode != 0 and "tracker_border=clip" in p.stderr
     errors = json.loads((tmp_path / "run" / "errors.json").read_text())
     assert "edge" in errors[0]["error"] and "tracker_border=clip" in errors[0]["error"]
 
@@ -117,3 +119,55 @@ def test_dragnoise_clip_switch_and_optimised_feature_ablation(tmp_path):
     rows = list(csv.DictReader((tmp_path / "run" / "summary.csv").open()))
     assert [r["setting"] for r in rows] == ["method.target=bottleneck", "method.target=feature1"]
     assert all(r["num_done"] == "1" and r["method"] == "dragnoise" for r in rows)
+
+
+class _Refused:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_run_where_every_sample_failed_exits_non_zero_naming_the_file(tmp_path):
+    import pickle
+
+    sample = tmp_path / "bench" / "animals" / "evil"
+    sample.mkdir(parents=True)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(sample / "original_image.png")
+    meta = {"prompt": "x", "points": [[1, 1], [2, 2]], "mask": _Refused()}
+    (sample / "meta_data.pkl").write_bytes(pickle.dumps(meta, protocol=4))
+    p = train(tmp_path, *QUICK, "logger=none", "data=dragbench", f"data.root={tmp_path / 'bench'}")
+    assert p.returncode != 0
+    out = p.stdout + p.stderr
+    assert "no sample succeeded" in out and str(sample / "meta_data.pkl") in out
+    # What was computed is still written: the summary and the error record.
+    errors = json.loads((tmp_path / "run" / "errors.json").read_text())
+    assert [e["name"] for e in errors] == ["animals/evil"]
+    assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["num_failed"] == 1
+
+
+def test_partial_failure_exits_zero_and_says_how_many_failed(tmp_path):
+    from dragexp.data import DragSample, write_sample_folder
+
+    img = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for name in ("a_good", "b_bad"):
+        write_sample_folder(DragSample(name, img, [(20, 20), (30, 20)],
+                                       np.zeros((64, 64), np.uint8), "x"), tmp_path / "edits" / name)
+    (tmp_path / "edits" / "b_bad" / "drag.yaml").write_text("points: [[20, 20]]\n")
+    p = train(tmp_path, *QUICK, "logger=none", "data=folder", f"data.root={tmp_path / 'edits'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout + p.stderr
+    assert "1 of 2 samples failed, see" in out and "errors.json" in out
+    # Again: the finished sample is skipped, and the run says so.
+    again = train(tmp_path, *QUICK, "logger=none", "data=folder", f"data.root={tmp_path / 'edits'}")
+    assert again.returncode == 0
+    assert "skipping 1 finished samples" in again.stdout + again.stderr
+
+
+def test_missing_dragbench_root_says_what_to_pass(tmp_path):
+    p = train(tmp_path, "experiment=paper/dragdiffusion_v1_inversion_step", "model=tiny",
+              "data.limit=1", "logger=none", multirun=True)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "data.root is not set" in out and "data.root=/path/to/DragBench" in out
+    assert "data=samples" in out and "Traceback" not in out

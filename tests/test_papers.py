@@ -308,7 +308,7 @@ def _train(tmp: Path, *overrides: str) -> Path:
     out = tmp / "sweep"
     cmd = [sys.executable, "scripts/train.py", f"hydra.sweep.dir={out}",
            f"paths.lora_cache={tmp / 'lora'}", "logger=none", "progress=false",
-           "model.resolution=64", "data.limit=1", *overrides]
+           "model=tiny", "model.resolution=64", "data.limit=1", *overrides]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     return out

@@ -338,7 +338,8 @@ def test_bench_script_writes_its_table(tmp_path, capsys):
     """scripts/bench.py: both settings, every stage, forward-equivalents, one JSON."""
     bench = _bench_script()
     out = tmp_path / "b.json"
-    report = bench.main(["method=dragnoise", "bench.quick=true", "method.lora_steps=2",
+    report = bench.main(["method=dragnoise", "model=tiny", "data=samples", "bench.quick=true",
+                         "method.lora_steps=2",
                          "method.n_pix_step=3", "method.n_inference_step=10",
                          "data.size=[64,64]", f"bench.json={out}"])
     saved = json.loads(out.read_text())

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.resolution=64", "data.size=[64,64]", "method.lora_steps=2",
+TINY = ["model=tiny", "data=samples", "model.resolution=64", "data.size=[64,64]", "method.lora_steps=2",
         "method.lora_batch_size=1", "method.n_pix_step=3", "method.inversion_strength=0.1",
         "progress=false", "logger=none"]
 

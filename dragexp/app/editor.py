@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 
-from ..data import DragSample, ProceduralSamples, SampleError, validate_sample
+from ..data import DragSample, SampleError, ToyBench, validate_sample
 from ..experiment import build_drag_callbacks, load_models, pick_device, resolve_precision
 from ..speed import SpeedSettings, apply_to_models
 from ..results import write_result
@@ -222,10 +222,12 @@ class Editor:
     def resolution(self) -> int:
         return int(self.models.resolution)
 
-    def builtin_samples(self) -> ProceduralSamples:
-        """The built-in procedural samples at the model's resolution."""
+    def builtin_samples(self) -> ToyBench:
+        """Built-in toybench samples (one of each edit kind, and more) at the model's resolution:
+        scenes of the world the default toy model was trained on."""
         r = self.resolution
-        return ProceduralSamples(n=5, size=(r, r), seed=int(self.cfg.seed))
+        return ToyBench(count=6, size=(r, r), seed=int(self.cfg.seed),
+                        edits=("translate", "stretch", "rotate"))
 
     # -- one edit ------------------------------------------------------------------------
     def run(self, image: np.ndarray | None, points: Sequence, mask: np.ndarray | None,

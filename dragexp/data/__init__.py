@@ -1,6 +1,7 @@
 """Drag samples: the :class:`DragSample` type, its validation, and lazy sample sources.
 
 - :class:`ProceduralSamples`: synthetic shapes with known drags (no files).
+- :class:`ToyBench`: toy-world scenes with known drags and their ground-truth edited images.
 - :class:`FolderSamples`: a user's own edits, ``root/<sample>/{image.png, drag.yaml, mask.png}``;
   :func:`write_sample_folder` writes that layout.
 - :class:`DragBenchSamples`: DragBench, ``root/<category>/<sample>/{original_image.png,
@@ -10,6 +11,7 @@
 from .dragbench import DragBenchSamples
 from .folder import FolderSamples, write_sample_folder
 from .procedural import ProceduralSamples
+from .toybench import ToyBench
 from .sample import DragSample, SampleError, SampleSource, validate_sample
 
 __all__ = [
@@ -20,5 +22,6 @@ __all__ = [
     "ProceduralSamples",
     "FolderSamples",
     "DragBenchSamples",
+    "ToyBench",
     "write_sample_folder",
 ]

@@ -2,6 +2,7 @@
 
 A :class:`ModelBundle` holds the UNet, VAE, text encoder and tokenizer. Sources:
 
+* :func:`load_toy`: the toy model trained on the procedural world (committed, no download);
 * :func:`build_tiny` / :func:`build_sd15_random`: random weights from configs, no download;
 * :func:`load_pretrained`: a Hub id or a local diffusers folder;
 * :func:`load_single_file`: a community ``.safetensors`` / ``.ckpt`` checkpoint.
@@ -15,6 +16,7 @@ from dragexp.models.pretrained import (DEFAULT_SD15_ID, load_local, load_pretrai
                                         load_single_file, save_bundle)
 from dragexp.models.single_file import save_single_file
 from dragexp.models.tiny import build_sd15_random, build_tiny
+from dragexp.models.toy import load_toy
 
 __all__ = [
     "DEFAULT_SD15_ID",
@@ -25,6 +27,7 @@ __all__ = [
     "load_local",
     "load_pretrained",
     "load_single_file",
+    "load_toy",
     "save_bundle",
     "save_single_file",
 ]
