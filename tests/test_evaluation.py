@@ -317,3 +317,26 @@ def test_sweep_folder_expands_to_one_row_per_setting(tmp_path):
                                          "dragdiffusion method.feature_idx=[3]"]
     with pytest.raises(FileNotFoundError):
         resolve_results([str(tmp_path / "nothing")])
+
+
+def test_partial_run_is_scored_on_the_samples_it_has(tmp_path):
+    """A run over 1 of 3 benchmark samples: scored on that one, nothing reported missing."""
+    from dragexp.evaluation.runner import resolve_results
+
+    bench, run = tmp_path / "bench", tmp_path / "run"
+    _write_bench(bench, SPECS)
+    first = SPECS[0][0]
+    _fake_run(run, bench, drop="", fail="")
+    for name, *_ in SPECS[1:]:   # keep only the first sample's result, as a 1-sample run would
+        import shutil
+
+        shutil.rmtree(run / "results" / name)
+    (run / "errors.json").write_text("[]")
+    from omegaconf import OmegaConf
+
+    from dragexp.evaluation.runner import build_data
+
+    samples = build_data(OmegaConf.create({"_target_": "dragexp.data.DragBenchSamples",
+                                           "root": str(bench)}))
+    folder, = resolve_results([str(run)])
+    assert folder.attempted(list(samples.names)) == [first]

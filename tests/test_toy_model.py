@@ -45,7 +45,7 @@ def test_toy_model_gives_scenes_back_and_the_random_model_does_not(toy):
     trained = reconstruction_psnr(toy, samples)
     random = reconstruction_psnr(build_tiny(), samples)
     assert np.mean(trained) > 22.0, trained
-    assert np.mean(random) < 15.0, random
+    assert np.mean(random) < 16.0, random
 
 
 @pytest.mark.slow

@@ -67,6 +67,14 @@ class ResultsFolder:
     def edited_path(self, name: str) -> Path | None:
         return None if self.root is None else self.root / name / "dragged_image.png"
 
+    def attempted(self, names: list[str]) -> list[str]:
+        """Of ``names``, those this run edited or recorded as failed: a run over part of the
+        benchmark is scored on its part (all names for "do nothing" and for plain folders
+        outside a run)."""
+        if self.root is None or self.run_dir is None:
+            return list(names)
+        return [n for n in names if n in self.errors or (self.root / n).is_dir()]
+
 
 @dataclass
 class FolderEval:
@@ -352,8 +360,11 @@ def evaluate_from_config(cfg, out_dir: str | Path) -> list[FolderEval]:
     ev = build_evaluator(cfg.eval, progress=bool(cfg.get("progress", True)))
     evals = []
     for f in folders:
-        log.info("evaluating %s (%s)", f.label, f.root or "source images")
-        evals.append(ev.evaluate(samples, f))
+        names = f.attempted(list(samples.names))
+        part = "" if len(names) == len(samples.names) else \
+            f": the {len(names)} of the benchmark's {len(samples.names)} samples this run has"
+        log.info("evaluating %s (%s)%s", f.label, f.root or "source images", part)
+        evals.append(ev.evaluate(samples, f, names))
     run = None
     if cfg.logger.get("enabled"):
         from ..wandb_run import ExperimentLog
