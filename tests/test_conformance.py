@@ -53,6 +53,24 @@ def test_loop_variant_with_empty_mask_runs(tmp_path):
     assert produced["loss_trajectory"].shape[0] == int(produced["num_steps"])
 
 
+def test_bottleneck_per_iteration_keeps_the_stopping_iteration():
+    """DragNoise appends the bottleneck to h_features before tracking and the stop check, so a
+    loop stopped after k Adam steps records k + 1 bottlenecks (one per loop index)."""
+    from types import SimpleNamespace
+
+    from dragexp.conformance.dragdiffusion import _StepRecorder
+
+    rec = _StepRecorder()
+    module = SimpleNamespace(param=torch.tensor([1.0, 2.0]))
+    state = SimpleNamespace(step=0, eps=torch.zeros(1), stop=False, loss=torch.tensor(0.5))
+    rec.on_drag_features(None, module, state)
+    module.param = torch.tensor([1.5, 2.5])                 # after the Adam step of index 0
+    rec.on_drag_step_end(None, module, state)
+    rec.on_drag_features(None, module, SimpleNamespace(step=1, eps=None, stop=True))
+    assert [u.tolist() for u in rec.used] == [[1.0, 2.0], [1.5, 2.5]]
+    assert [p.tolist() for p in rec.params] == [[1.5, 2.5]] and rec.losses == [0.5]
+
+
 def test_judge_rules():
     e = torch.tensor([1.0, 2.0, float("nan")])
     assert judge_key("x", torch.tensor([1.0005, 2.0, float("nan")]), e).ok

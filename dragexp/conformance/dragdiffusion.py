@@ -50,8 +50,9 @@ class _StepRecorder(DragCallback):
     def on_drag_features(self, trainer, module, state):
         if state.step == 0:
             self.eps0 = state.eps.detach().clone()
-        if not state.stop:
-            self.used.append(module.param.detach().clone())
+        # The reference appends to h_features before tracking and the stop check, so the
+        # stopping iteration's bottleneck is a row too (num_steps + 1 rows when stopped).
+        self.used.append(module.param.detach().clone())
 
     def on_drag_step_end(self, trainer, module, state):
         self.params.append(module.param.detach().clone())
