@@ -75,12 +75,8 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     truth = any("gt_object_error_px" in r for r in rows)
     fig, axes = plt.subplots(1, 4 if truth else 3,
                              figsize=(max(9 + 3 * truth, 1.6 * len(rows) * 1.5), 4))
-    axes[0].bar(x, [r.get("mean_initial_distance_px", 0) for r in rows], color="#bbb",
-                label="before")
-    axes[0].bar(x, [r.get("mean_final_distance_px", 0) for r in rows], width=0.5,
-                color="#c33", label="after")
-    axes[0].set_title("handle-target distance (px)")
-    axes[0].legend()
+    _before_after(axes[0], rows, ("mean_initial_distance_px", "before"),
+                  ("mean_final_distance_px", "after"), "#c33", "handle-target distance (px)")
     axes[1].bar(x, [r.get("mean_num_steps", 0) for r in rows], color="#36c")
     axes[1].set_title("optimisation steps")
     stages = ["seconds_lora", "seconds_inversion", "seconds_optimisation", "seconds_denoising"]
@@ -92,12 +88,9 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     axes[2].set_title("seconds per edit")
     axes[2].legend(fontsize=7)
     if truth:
-        axes[3].bar(x, [r.get("gt_noedit_object_error_px", 0) for r in rows], color="#bbb",
-                    label="no edit")
-        axes[3].bar(x, [r.get("gt_object_error_px", 0) for r in rows], width=0.5,
-                    color="#2a7", label="edited")
-        axes[3].set_title("object's distance from its true place (px)")
-        axes[3].legend()
+        _before_after(axes[3], rows, ("gt_noedit_object_error_px", "no edit"),
+                      ("gt_object_error_px", "edited"), "#2a7",
+                      "object's distance from its true place (px)")
     for ax in axes:
         ax.set_xticks(list(x))
         ax.set_xticklabels(labels, fontsize=7, rotation=30, ha="right")
@@ -105,6 +98,17 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _before_after(ax, rows: list[dict], before: tuple[str, str], after: tuple[str, str],
+                  colour: str, title: str) -> None:
+    """A grey bar per setting for ``before = (key, label)`` with a narrower coloured bar for
+    ``after`` in front of it."""
+    x = range(len(rows))
+    ax.bar(x, [r.get(before[0], 0) for r in rows], color="#bbb", label=before[1])
+    ax.bar(x, [r.get(after[0], 0) for r in rows], width=0.5, color=colour, label=after[1])
+    ax.set_title(title)
+    ax.legend()
 
 
 def _short(setting: str) -> str:
