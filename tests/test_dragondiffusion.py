@@ -406,7 +406,7 @@ def test_train_script_runs_dragondiffusion(tmp_path):
            f"paths.lora_cache={tmp_path / 'lora'}", "method=dragondiffusion", "logger=none",
            "model=tiny", "data=samples", "model.resolution=64", "data.size=[64,64]", "data.n=1", "method.max_resolution=64",
            "method.n_inference_step=6", "method.guidance_steps=4", "method.bank_start_step=1",
-           "method.latent_copy_border=clip", "progress=false"]
+           "progress=false"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     import json
@@ -417,3 +417,21 @@ def test_train_script_runs_dragondiffusion(tmp_path):
     info = json.loads((sample / "result.json").read_text())
     assert info["method"] == "dragondiffusion" and info["num_steps"] == 4
     assert (sample / "dragged_image.png").is_file()
+
+
+@pytest.mark.parametrize("resolution", [64, 128, 512])
+def test_built_in_samples_fit_the_latent_patch_copy_at_every_working_size(resolution):
+    """The faithful patch copy raises for a point near the latent's border (as the authors'
+    code does); the built-in samples keep their points inside, down to a 64 px working size."""
+    from dragexp.data import ProceduralSamples
+    from dragexp.data.toybench import ToyBench
+    from dragexp.dragon_regions import as_upload_mask, feature_scale, working_size
+
+    samples = [*ProceduralSamples(n=5), *ToyBench(count=30, edits=["translate", "stretch",
+                                                                    "rotate"])]
+    for s in samples:
+        h0, w0 = s.image.shape[:2]
+        H, W, scale = working_size(h0, w0, resolution)
+        regions = process_drag(as_upload_mask(s.mask), s.points, (H, W), scale,
+                               feature_scale([1, 2], 2))
+        copy_latent_patches(torch.zeros(1, 4, H // 8, W // 8), regions, 2, "error")

@@ -140,7 +140,9 @@ class ProceduralSamples(SampleSource):
             geo["verts"] = [(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)]
 
         if recipe.action == "stretch_right":
-            pairs = [((cx + r, cy), (cx + r + move, cy))]
+            # The target stays 1/7 of the width from the border, where DragonDiffusion's 3x3
+            # latent patch still fits at the smallest working size (64 px).
+            pairs = [((cx + r, cy), (min(cx + r + move, 6 * w / 7), cy))]
         elif recipe.action == "move_up":
             pairs = [((cx, cy), (cx, cy - move))]
         elif recipe.action == "raise_apex":

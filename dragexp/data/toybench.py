@@ -12,6 +12,8 @@ Each sample is a toy-world scene (:mod:`dragexp.data.toyworld`) and one edit of 
 The ground-truth image is the same scene rendered with the edit applied (never a warp of the
 source). The other objects are placed clear of the dragged object's old and new footprint, so
 the edit changes nothing else. Masks cover both footprints, grown by 6% of the shorter side.
+Handles and targets keep 14% of a side from the border (:data:`POINT_MARGIN`), so every method
+takes every sample at every working size down to 64 px.
 ``extras["ground_truth"]`` carries the truth for :mod:`dragexp.evaluation.ground_truth`.
 
 Sample ``i`` depends only on ``(seed, i, size, edits)``: ``data=toybench data.seed=S
@@ -124,6 +126,8 @@ class ToyBench(SampleSource):
         edited, handle, target = self._edit(rng, kind, obj, h, w)
         if edited is None:
             return None
+        if not all(_clear_of_border(p, h, w) for p in (handle, target)):
+            return None
         # The object and its edited self must stay well inside the frame.
         for o in (obj, edited):
             cx, cy = o.centre_px(h, w)
@@ -175,6 +179,18 @@ class ToyBench(SampleSource):
     def __repr__(self) -> str:
         return (f"ToyBench(count={self.count}, seed={self.seed}, size={self.size}, "
                 f"edits={list(self.edits)})")
+
+
+# Points stay this fraction of a side away from the border. At the smallest working size every
+# method accepts (64 px, an 8x8 latent), DragonDiffusion copies a 3x3 latent patch from handle
+# to target, which needs both inside latent rows/columns 1..6, i.e. 1/8..7/8 of the image.
+POINT_MARGIN = 0.14
+
+
+def _clear_of_border(p, h: int, w: int) -> bool:
+    x, y = p
+    return POINT_MARGIN * w <= x <= (1 - POINT_MARGIN) * w and \
+        POINT_MARGIN * h <= y <= (1 - POINT_MARGIN) * h
 
 
 def _apart(a: ToyObject, b: ToyObject, h: int, w: int, margin: float = 4.0) -> bool:
