@@ -351,7 +351,19 @@ def train_toy_model(cfg, command: str, work_dir: str | Path = ".") -> Path:
     cycles = [int(c) for c in (cfg.vae.steps if not isinstance(cfg.vae.steps, int)
                                else [cfg.vae.steps])]
     vae, done, history = None, 0, []
-    if cfg.vae.get("load"):
+    previous = None
+    if cfg.get("init"):
+        # Going on from a finished toy model: its VAE (and so its latent space and scaling
+        # factor) stays as it is, and its UNet and text encoder train a further cycle.
+        init = Path(str(cfg.init))
+        if not (init / "training.json").is_file():
+            raise FileNotFoundError(f"init={init}: not a toy model folder (no training.json); "
+                                    "pass a folder written by scripts/train_toy_model.py")
+        previous = json.loads((init / "training.json").read_text())
+        vae = AutoencoderKL.from_pretrained(str(init / "vae"), torch_dtype=torch.float32)
+        history = previous["vae_cycles"]
+        cycles, done = [h["steps"] for h in history], len(history)
+    elif cfg.vae.get("load"):
         vae = AutoencoderKL.from_pretrained(str(cfg.vae.load), torch_dtype=torch.float32)
         history = json.loads((Path(cfg.vae.load) / "vae_training.json").read_text())["cycles"]
         done = len(history)
@@ -380,9 +392,14 @@ def train_toy_model(cfg, command: str, work_dir: str | Path = ".") -> Path:
     vae_psnr = history[-1]["heldout_psnr_db"]
 
     t_enc = time.perf_counter()
-    latents, captions = encode_scenes(vae, cfg.seed, cfg.unet.scenes, size)
-    scaling = float(1.0 / latents.std())
-    vae.register_to_config(scaling_factor=scaling)
+    # A further UNet stage sees scenes the earlier stages did not.
+    stage = len(previous.get("unet_stages") or [1]) if previous else 0
+    latents, captions = encode_scenes(vae, int(cfg.seed) + 1000 * stage, cfg.unet.scenes, size)
+    if previous is None:
+        scaling = float(1.0 / latents.std())
+        vae.register_to_config(scaling_factor=scaling)
+    else:
+        scaling = float(vae.config.scaling_factor)
     encode_seconds = time.perf_counter() - t_enc
     print(f"encoded {latents.shape[0]} latents in {encode_seconds:.0f} s; scaling factor "
           f"{scaling:.5f}", flush=True)
@@ -390,8 +407,13 @@ def train_toy_model(cfg, command: str, work_dir: str | Path = ".") -> Path:
     # Seeded again so a run that loads its VAE trains the same UNet as one that trained it.
     L.seed_everything(int(cfg.seed) + 1, workers=True)
     tokenizer = build_world_tokenizer()
-    text_encoder = build_toy_text_encoder(tokenizer)
-    unet = UNet2DConditionModel(**toy_unet_config(cfg.resolution))
+    if previous is None:
+        text_encoder = build_toy_text_encoder(tokenizer)
+        unet = UNet2DConditionModel(**toy_unet_config(cfg.resolution))
+    else:
+        text_encoder = CLIPTextModel.from_pretrained(str(init / "text_encoder"),
+                                                     torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(str(init / "unet"), torch_dtype=torch.float32)
     unet_module = ToyUNetTraining(unet, text_encoder, tokenizer, lr=cfg.unet.lr,
                                   text_lr=cfg.unet.text_lr,
                                   caption_dropout=cfg.unet.caption_dropout, steps=cfg.unet.steps)
@@ -424,8 +446,17 @@ def train_toy_model(cfg, command: str, work_dir: str | Path = ".") -> Path:
         bundle.to("cpu", torch.float16)
     out = save_bundle(bundle, cfg.out)
     # A loaded VAE's stage ran in an earlier process; its time belongs to the model's cost.
-    wall = time.perf_counter() - t0 + sum(h["seconds"] for h in history[:done])
-    record = dict(command=command, vae_loaded_from=cfg.vae.get("load"), seed=int(cfg.seed),
+    wall = time.perf_counter() - t0 + (previous["wall_seconds"] if previous else
+                                       sum(h["seconds"] for h in history[:done]))
+    unet_stages = (previous.get("unet_stages") or [
+        dict(steps=previous["unet_steps"], seconds=previous["unet_seconds"],
+             lr=None, last_loss=previous["unet_last_loss"], command=previous["command"])]
+        if previous else [])
+    unet_stages.append(dict(steps=int(cfg.unet.steps), seconds=round(unet_seconds, 1),
+                            lr=float(cfg.unet.lr), last_loss=round(final_loss, 4),
+                            command=command))
+    record = dict(command=command, vae_loaded_from=cfg.vae.get("load"),
+                  continued_from=previous, unet_stages=unet_stages, seed=int(cfg.seed),
                   resolution=int(cfg.resolution),
                   vae_steps=cycles, vae_cycles=history, vae_batch=int(cfg.vae.batch_size),
                   vae_crop=cfg.vae.crop, vae_seconds=round(vae_seconds, 1),
@@ -434,8 +465,10 @@ def train_toy_model(cfg, command: str, work_dir: str | Path = ".") -> Path:
                   decoder_seconds=round(decoder_seconds, 1),
                   decoder_heldout_psnr_db=round(decoder_psnr, 2),
                   scenes_encoded=int(latents.shape[0]), encode_seconds=round(encode_seconds, 1),
-                  unet_steps=int(cfg.unet.steps), unet_batch=int(cfg.unet.batch_size),
-                  unet_seconds=round(unet_seconds, 1), unet_last_loss=round(final_loss, 4),
+                  unet_steps=sum(st["steps"] for st in unet_stages),
+                  unet_batch=int(cfg.unet.batch_size),
+                  unet_seconds=round(sum(st["seconds"] for st in unet_stages), 1),
+                  unet_last_loss=round(final_loss, 4),
                   wall_seconds=round(wall, 1), device=str(device),
                   machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
                   torch=torch.__version__, fp16_files=bool(cfg.save_fp16),
@@ -448,6 +481,11 @@ def train_toy_model(cfg, command: str, work_dir: str | Path = ".") -> Path:
     return out
 
 
+def _stage_text(st: dict) -> str:
+    lr = "" if st["lr"] is None else f" at lr {st['lr']:g}"
+    return f"{st['steps']} steps{lr} in {st['seconds']:.0f} s (`{st['command']}`)"
+
+
 def model_card(r: dict) -> str:
     """The model card written beside the weights."""
     p = r["params"]
@@ -455,6 +493,10 @@ def model_card(r: dict) -> str:
               " (its first VAE cycles saved by an earlier run of the same script with the same settings, "
               "then loaded; the same seeds make the command without `vae.load` give the same "
               "weights in one go)")
+    stages = r.get("unet_stages") or []
+    stages = "" if len(stages) < 2 else (
+        "; in stages, each a fresh warm-up + cosine schedule on newly drawn scenes: "
+        + "; ".join(_stage_text(st) for st in stages))
     return f"""# toy: an SD-1.5-shaped model trained on dragexp's procedural world
 
 `model=toy`. VAE (8x down, 4 latent channels, {p['vae'] / 1e6:.2f} M parameters), UNet (SD 1.5
@@ -475,7 +517,7 @@ it knows no other images, and its captions are the world's (`caption()`).
 | VAE | cycles of {r['vae_steps']} steps (each a warm-up + cosine schedule, fresh optimiser; held-out PSNR after each: {', '.join(f"{c['heldout_psnr_db']:.2f}" for c in r['vae_cycles'])} dB), batch {r['vae_batch']}, {r['vae_crop']} px crops, {r['vae_seconds']:.0f} s; held-out reconstruction {r['vae_heldout_psnr_db']:.2f} dB PSNR (64 scenes) |
 | decoder fine-tuning | {r['decoder_steps']} steps on the frozen encoder's latents, {r['decoder_seconds']:.0f} s; held-out reconstruction {r['decoder_heldout_psnr_db']:.2f} dB |
 | latents | {r['scenes_encoded']} (scenes and their mirror images), scaling factor {r['scaling_factor']:.5f} |
-| UNet + text encoder | {r['unet_steps']} steps, batch {r['unet_batch']}, {r['unet_seconds']:.0f} s, last loss {r['unet_last_loss']} |
+| UNet + text encoder | {r['unet_steps']} steps, batch {r['unet_batch']}, {r['unet_seconds']:.0f} s, last loss {r['unet_last_loss']}{stages} |
 | wall time | {r['wall_seconds'] / 60:.1f} min on {r['device']} ({r['machine']}), torch {r['torch']} |
 | files | {'fp16 safetensors (loaded as float32)' if r['fp16_files'] else 'fp32 safetensors'} |
 
