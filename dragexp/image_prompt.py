@@ -184,10 +184,10 @@ class ImagePromptEncoder:
                  dtype=torch.float32, local_files_only: bool | None = None):
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-        from .models.pretrained import _LOAD_ERRORS, _first_line, _hub_error, _looks_like_path, _offline_from_env
+        from .models.pretrained import _LOAD_ERRORS, _first_line, _hub_error, _looks_like_path, offline_reason
 
         if local_files_only is None:
-            local_files_only = _offline_from_env()
+            local_files_only = offline_reason() is not None
         path = Path(str(encoder)).expanduser()
         kwargs = dict(subfolder=subfolder) if subfolder else {}
         try:
@@ -226,7 +226,7 @@ class ImagePromptEncoder:
 def load_ip_checkpoint(source: str, local_files_only: bool | None = None) -> dict:
     """An IP-Adapter checkpoint from a local ``.bin`` / ``.safetensors`` file or a Hub file given
     as ``<repo id>:<path in repo>`` (the authors': ``Adapter/DragonDiffusion:model/ip_sd15_64.bin``)."""
-    from .models.pretrained import _LOAD_ERRORS, _hub_error, _offline_from_env
+    from .models.pretrained import _LOAD_ERRORS, _hub_error, offline_reason
 
     path = Path(str(source)).expanduser()
     if not path.is_file():
@@ -238,7 +238,7 @@ def load_ip_checkpoint(source: str, local_files_only: bool | None = None) -> dic
         import huggingface_hub
 
         if local_files_only is None:
-            local_files_only = _offline_from_env()
+            local_files_only = offline_reason() is not None
         try:
             path = Path(huggingface_hub.hf_hub_download(repo, filename, local_files_only=local_files_only))
         except _LOAD_ERRORS as err:

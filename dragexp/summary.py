@@ -122,6 +122,11 @@ class SweepSummary(Callback):
     """Hydra callback: write ``summary.csv`` / ``summary.png`` when a multirun ends."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        if not collect(config.hydra.sweep.dir):
+            # Every job failed and said why above; a missing-file warning would only distract.
+            log.error("no job of the sweep in %s finished, so there is no summary",
+                      config.hydra.sweep.dir)
+            return
         write_summary(config.hydra.sweep.dir, title=config.get("experiment_name"))
 
     def on_run_end(self, config, **kwargs) -> None:

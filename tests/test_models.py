@@ -222,6 +222,30 @@ def test_missing_hub_id_offline_fails_fast_with_one_line(monkeypatch):
     assert "\n" not in message and "hf download" in message
 
 
+def test_unreachable_hub_fails_fast_without_hf_hub_offline(monkeypatch):
+    """No network and no HF_HUB_OFFLINE: the id is looked up in the cache only, at once, and the
+    message says why, instead of a minute of connection retries."""
+    import socket
+
+    from dragexp.models import pretrained
+
+    def refuse(*_, **__):
+        raise OSError("no route to host")
+
+    for var in ("HF_HUB_OFFLINE", *pretrained._PROXY_VARS):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(pretrained.huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(pretrained, "_REACHABLE", {})
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    start = time.perf_counter()
+    with pytest.raises(ModelSourceError, match="dragexp-test/does-not-exist") as info:
+        load_pretrained("dragexp-test/does-not-exist")
+    assert time.perf_counter() - start < 10
+    message = str(info.value)
+    assert "cannot be reached from this machine" in message and "hf download" in message
+    assert "\n" not in message
+
+
 def test_missing_local_sources_name_the_path(tmp_path):
     missing_file = tmp_path / "nope.safetensors"
     with pytest.raises(ModelSourceError, match="nope.safetensors"):

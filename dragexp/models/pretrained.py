@@ -8,8 +8,12 @@ find or read a source becomes a one-line :class:`ModelSourceError` that says wha
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 import huggingface_hub
 import torch
@@ -32,14 +36,57 @@ _LOAD_ERRORS = (OSError, ValueError)
 
 
 def _offline_from_env() -> bool:
-    """Whether the Hub must not be contacted: HF_HUB_OFFLINE now, or when huggingface_hub loaded.
+    """Whether HF_HUB_OFFLINE says not to contact the Hub, now or when huggingface_hub loaded.
 
     huggingface_hub reads the variable once at import; reading it again here lets a caller (or a
-    test) switch offline mode on for one load, so a missing id fails at once instead of after
-    about 25 s of connection retries.
+    test) switch offline mode on for one load.
     """
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
     return env or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+_REACHABLE: dict[tuple[str, int], bool] = {}
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's endpoint accepts a TCP connection within ``timeout`` seconds (asked once
+    per process).
+
+    Without network, huggingface_hub retries each file for about a minute before giving up; this
+    check lets a missing id fail in seconds instead. Behind a proxy a direct connection proves
+    nothing, so there the Hub counts as reachable.
+    """
+    if any(os.environ.get(k) for k in _PROXY_VARS):
+        return True
+    url = urlparse(huggingface_hub.constants.ENDPOINT)
+    key = (url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443))
+    if key not in _REACHABLE:
+        try:
+            socket.create_connection(key, timeout=timeout).close()
+            _REACHABLE[key] = True
+        except OSError:
+            _REACHABLE[key] = False
+    return _REACHABLE[key]
+
+
+def offline_reason() -> str | None:
+    """Why the Hub is not to be contacted (HF_HUB_OFFLINE, or no connection), or None."""
+    if _offline_from_env():
+        return "HF_HUB_OFFLINE is set"
+    if not _hub_reachable():
+        return (f"{urlparse(huggingface_hub.constants.ENDPOINT).hostname} cannot be reached "
+                "from this machine")
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_hub_deprecations():
+    """Silences huggingface_hub's deprecation notice for an argument diffusers still passes
+    (``local_dir_use_symlinks``): it says nothing about the user's model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        yield
 
 
 def _looks_like_path(source: str) -> bool:
@@ -58,10 +105,12 @@ def _hub_error(
 ) -> ModelSourceError:
     """The one-line error for a Hub id that could not be loaded, with the two ways out."""
     alternative = alternative or "use a local diffusers folder (model=local model.path=/path/to/folder)"
+    offline = offline_reason()
+    where = (f"its local cache (offline: {offline})" if offline else
+             f"the Hugging Face Hub or its local cache ({type(err).__name__})")
     return ModelSourceError(
-        f"could not load {what} '{source}' from the Hugging Face Hub or its local cache "
-        f"({type(err).__name__}); download it with `hf download {source}` on a machine with network "
-        f"and set HF_HOME to that cache, or {alternative}"
+        f"could not load {what} '{source}' from {where}; download it with `hf download {source}` "
+        f"on a machine with network and set HF_HOME to that cache, or {alternative}"
     )
 
 
@@ -89,7 +138,7 @@ def _own_memory(bundle: ModelBundle) -> ModelBundle:
     return bundle
 
 
-def _load_vae(source: str, revision: str | None, local_files_only: bool) -> AutoencoderKL:
+def _load_vae(source: str, revision: str | None, local_files_only: bool | None) -> AutoencoderKL:
     """An AutoencoderKL from a Hub id or a local folder (an AutoencoderKL folder or a pipeline)."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -105,10 +154,13 @@ def _load_vae(source: str, revision: str | None, local_files_only: bool) -> Auto
             ) from err
     if _looks_like_path(source):
         raise ModelSourceError(f"VAE folder not found: {source}")
+    if local_files_only is None:
+        local_files_only = offline_reason() is not None
     try:
-        return AutoencoderKL.from_pretrained(
-            source, revision=revision, local_files_only=local_files_only, torch_dtype=torch.float32
-        )
+        with _quiet_hub_deprecations():
+            return AutoencoderKL.from_pretrained(
+                source, revision=revision, local_files_only=local_files_only,
+                torch_dtype=torch.float32)
     except _LOAD_ERRORS as err:
         raise _hub_error(source, err, "VAE") from err
 
@@ -130,7 +182,8 @@ def load_pretrained(
             or a local folder.
         revision: Hub revision (branch, tag or commit).
         variant: weight file variant, e.g. ``"fp16"`` for ``*.fp16.safetensors``.
-        local_files_only: never contact the Hub; None means "if HF_HUB_OFFLINE is set".
+        local_files_only: never contact the Hub; None means "if HF_HUB_OFFLINE is set or the
+            Hub cannot be reached" (:func:`offline_reason`).
         resolution: working image side; None reads it from the UNet config (512 for SD 1.5).
 
     Returns:
@@ -139,29 +192,30 @@ def load_pretrained(
     Raises:
         ModelSourceError: the folder or id could not be loaded (one line saying what to do).
     """
-    if local_files_only is None:
-        local_files_only = _offline_from_env()
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         root, source, hub_kwargs = str(path), f"local:{path}", {}
     elif _looks_like_path(path_or_id):
         raise ModelSourceError(f"local model folder not found: {path_or_id}")
     else:
+        if local_files_only is None:
+            local_files_only = offline_reason() is not None
         root, source = path_or_id, f"hub:{path_or_id}"
         hub_kwargs = dict(revision=revision, local_files_only=local_files_only)
 
     try:
-        # float32 explicitly: transformers 5 otherwise keeps the checkpoint's dtype ("auto").
-        unet = UNet2DConditionModel.from_pretrained(
-            root, subfolder="unet", variant=variant, torch_dtype=torch.float32, **hub_kwargs
-        )
-        own_vae = None if vae else AutoencoderKL.from_pretrained(
-            root, subfolder="vae", variant=variant, torch_dtype=torch.float32, **hub_kwargs
-        )
-        text_encoder = CLIPTextModel.from_pretrained(
-            root, subfolder="text_encoder", variant=variant, dtype=torch.float32, **hub_kwargs
-        )
-        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **hub_kwargs)
+        with _quiet_hub_deprecations():
+            # float32 explicitly: transformers 5 otherwise keeps the checkpoint's dtype ("auto").
+            unet = UNet2DConditionModel.from_pretrained(
+                root, subfolder="unet", variant=variant, torch_dtype=torch.float32, **hub_kwargs
+            )
+            own_vae = None if vae else AutoencoderKL.from_pretrained(
+                root, subfolder="vae", variant=variant, torch_dtype=torch.float32, **hub_kwargs
+            )
+            text_encoder = CLIPTextModel.from_pretrained(
+                root, subfolder="text_encoder", variant=variant, dtype=torch.float32, **hub_kwargs
+            )
+            tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **hub_kwargs)
     except _LOAD_ERRORS as err:
         if path.is_dir():
             raise ModelSourceError(
@@ -179,7 +233,7 @@ def load_pretrained(
     return _own_memory(bundle.to("cpu"))
 
 
-def _config_folder(config: str, local_files_only: bool) -> str:
+def _config_folder(config: str, local_files_only: bool | None) -> str:
     """A local folder holding the diffusers configs for a single-file checkpoint.
 
     A Hub id is resolved here, configs only, so that offline it fails at once with our message
@@ -190,6 +244,8 @@ def _config_folder(config: str, local_files_only: bool) -> str:
         return str(path)
     if _looks_like_path(config):
         raise ModelSourceError(f"config folder for the single-file checkpoint not found: {config}")
+    if local_files_only is None:
+        local_files_only = offline_reason() is not None
     try:
         return huggingface_hub.snapshot_download(
             config, allow_patterns=_CONFIG_PATTERNS, local_files_only=local_files_only
@@ -216,7 +272,8 @@ def load_single_file(
             (must be in the Hub cache when offline).
         vae: optional VAE replacing the checkpoint's: a Hub id or a local folder.
         resolution: working image side; None reads it from the UNet config (512 for SD 1.5).
-        local_files_only: never contact the Hub; None means "if HF_HUB_OFFLINE is set".
+        local_files_only: never contact the Hub; None means "if HF_HUB_OFFLINE is set or the
+            Hub cannot be reached" (:func:`offline_reason`).
 
     Returns:
         A float32, eval-mode, frozen bundle on the CPU.
@@ -227,8 +284,6 @@ def load_single_file(
     file = Path(path).expanduser()
     if not file.is_file():
         raise ModelSourceError(f"single-file checkpoint not found: {path}")
-    if local_files_only is None:
-        local_files_only = _offline_from_env()
     config_folder = _config_folder(config or DEFAULT_SD15_ID, local_files_only)
     overrides = {"vae": _load_vae(vae, None, local_files_only)} if vae else {}
     try:
