@@ -10,6 +10,9 @@ import os
 from pathlib import Path
 
 
+ID_FILE = "wandb_run_id.txt"
+
+
 class ExperimentLog:
     """A thin wrapper over a W&B run; ``enabled=False`` makes every call a no-op."""
 
@@ -18,6 +21,7 @@ class ExperimentLog:
                  config: dict | None = None, tags: list[str] | None = None):
         self.enabled = bool(enabled)
         self.run = None
+        self.resumed = False
         self._rows: list[list] = []
         if not self.enabled:
             return
@@ -27,8 +31,16 @@ class ExperimentLog:
         if dir:
             Path(dir).mkdir(parents=True, exist_ok=True)
         self._wandb = wandb
+        # A run folder that is gone on with (resume) keeps one W&B run: the id is kept beside
+        # the results and handed back, so `wandb sync` merges the parts into one run.
+        id_file = Path(dir) / ID_FILE if dir else None
+        run_id = id_file.read_text().strip() if id_file and id_file.is_file() else None
         self.run = wandb.init(project=project, mode=mode, name=name, group=group, dir=dir,
-                              config=config, tags=list(tags or []), reinit="finish_previous")
+                              config=config, tags=list(tags or []), reinit="finish_previous",
+                              id=run_id, resume="allow" if run_id else None)
+        self.resumed = run_id is not None
+        if id_file and not self.resumed:
+            id_file.write_text(self.run.id + "\n")
 
     @property
     def run_dir(self) -> str | None:

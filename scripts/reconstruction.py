@@ -6,6 +6,8 @@ PSNR against the source per sample and the mean (dragexp.evaluation.reconstructi
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+import dragexp  # noqa: F401,E402  (registers train.yaml's run-folder resolver)
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:

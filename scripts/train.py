@@ -11,6 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra_plugins.dragexp_launcher.gpu_launcher import register
 from omegaconf import DictConfig
 
+import dragexp  # noqa: F401,E402  (registers train.yaml's run-folder resolver)
+
 register()  # hydra/launcher=gpus
 
 

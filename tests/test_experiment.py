@@ -171,3 +171,42 @@ def test_missing_dragbench_root_says_what_to_pass(tmp_path):
     assert p.returncode != 0
     assert "data.root is not set" in out and "data.root=/path/to/DragBench" in out
     assert "data=samples" in out and "Traceback" not in out
+
+
+def test_the_same_command_goes_on_in_its_unfinished_run(tmp_path):
+    """No hydra.run.dir given: the same command again finds its own stopped run (same
+    overrides, no run_summary.json) and finishes it, in the same folder and the same W&B run;
+    a finished run is left alone and the next command starts a new folder."""
+    env = dict(os.environ, WANDB_SILENT="true", WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), f"paths.lora_cache={tmp_path / 'lora'}",
+           *QUICK, "data=samples", "data.size=[64,64]", "data.n=2"]
+
+    def runs():
+        return sorted((tmp_path / "outputs" / "dragdiffusion").iterdir())
+
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    [run] = runs()
+    wandb_id = (run / "wandb_run_id.txt").read_text().strip()
+    # As if stopped after the first sample: no summary, the second sample not written.
+    (run / "run_summary.json").unlink()
+    first, second = sorted((run / "results").iterdir())
+    import shutil
+
+    shutil.rmtree(second)
+    kept = (first / "result.json").stat().st_mtime_ns
+
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert runs() == [run]
+    assert "skipping 1 finished samples" in p.stdout + p.stderr
+    assert (first / "result.json").stat().st_mtime_ns == kept and (second / "result.json").is_file()
+    assert json.loads((run / "run_summary.json").read_text())["num_done"] == 2
+    parts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and all(p.name.endswith(wandb_id) for p in parts)
+
+    # Finished: the same command makes a new run; so does resume=false.
+    p = subprocess.run([*cmd, "logger=none"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(runs()) == 2 and "skipping" not in p.stdout + p.stderr
