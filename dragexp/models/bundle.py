@@ -67,7 +67,7 @@ class ModelBundle:
             This bundle (modified in place), for chaining.
         """
         for module in self._modules():
-            if dtype is None:
+            if dtype is None or all(p.dtype == dtype for p in module.parameters()):
                 # Not passing dtype at all: diffusers warns on every dtype cast, even a no-op one.
                 module.to(device)
             else:
