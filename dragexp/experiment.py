@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .data.sample import SampleError
+from .methods.base import EditContext
 from .results import is_done, write_json_atomic, write_result
 from .speed import SpeedSettings, apply_to_models
 from .trackers import BorderError
@@ -114,9 +115,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
         if error is None:
             try:
                 torch.manual_seed(int(cfg.seed))
-                result = method.edit(sample, models, build_drag_callbacks(cfg), lora_dir=lora_dir,
-                                     precision=precision, progress=bool(cfg.progress),
-                                     speed=speed)
+                result = method.edit(sample, models, EditContext(
+                    build_drag_callbacks(cfg), lora_dir=lora_dir, precision=precision,
+                    progress=bool(cfg.progress), speed=speed))
                 folder = write_result(results_dir, sample, result,
                                       extra=dict(method=method.name, model=models.source))
                 info = json.loads((folder / "result.json").read_text())

@@ -26,12 +26,12 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .inversion import ddim_invert
 from .sampling import NoisePredictor, ddim_sample
-from .methods.latent_drag import EditResult, StageTimer
+from .methods.base import EditContext, EditResult, decode_image, fixed_points_result, image_tensor, prompt_of
+from .stages import StageTimer
 from .schedule import DDIMSchedule
 
 __all__ = ["layer_names", "layer_module", "FrozenLayer", "reconstruct", "FeatureReplacementProbe"]
@@ -161,35 +161,33 @@ class FeatureReplacementProbe:
         self.prompt_override = prompt_override
         self.seed = int(seed)
 
-    def edit(self, sample, models, callbacks: list, *, lora_dir=None, precision: str = "32-true",
-             progress: bool = True, speed=None):
-        """Reconstruct ``sample.image`` with :attr:`layer` frozen; ``callbacks``, ``lora_dir``
-        and ``speed`` do not apply (no optimisation, no LoRA)."""
+    def edit_steps(self) -> int:
+        """DDIM steps inverted and denoised (``inversion_steps``)."""
+        return self.inversion_steps
+
+    def edit(self, sample, models, ctx: EditContext | None = None) -> EditResult:
+        """Reconstruct ``sample.image`` with :attr:`layer` frozen; nothing in ``ctx`` applies
+        (no optimisation, no LoRA)."""
         from .evaluation.lpips_if import lpips_distance
 
         timer = StageTimer()
         module = layer_module(models.unet, self.layer)
         H, W = sample.image.shape[:2]
-        prompt = self.prompt_override if self.prompt_override is not None else sample.prompt
-        text = models.encode_prompt(prompt)
-        image = torch.from_numpy(sample.image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        text = models.encode_prompt(prompt_of(sample, self.prompt_override))
+        image = image_tensor(sample.image)
         with timer("encode"), torch.no_grad():
             latent0 = models.encode_image(image.to(models.device, models.vae.dtype)).float()
         with timer("reconstruction"):
             out = reconstruct(models.unet, latent0, text, self.schedule, self.inversion_steps,
                               module, self.copy_index)
-        with timer("decode"), torch.no_grad():
-            img = models.decode(out.to(models.vae.dtype)).float()
-            img = F.interpolate(img, size=(H, W), mode="bilinear", align_corners=False)
-            result = ((img[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+        with timer("decode"):
+            result = decode_image(models, out, (H, W))
         mse = float(np.mean((result.astype(np.float64) / 255.0
                              - sample.image.astype(np.float64) / 255.0) ** 2))
         lp = float(lpips_distance(self.lpips, sample.image, result)) if self.lpips is not None \
             else float("nan")
         timer.seconds["total"] = sum(timer.seconds.values())
-        return EditResult(
-            image=result, handles_xy=[tuple(p) for p in sample.handles],
-            targets_xy=[tuple(p) for p in sample.targets], trajectory_xy=[], losses=[],
-            distances=[], num_steps=0, stopped_early=False, timings=dict(timer.seconds),
+        return fixed_points_result(
+            sample, result, timer.seconds,
             extras=dict(metrics=dict(recon_mse=mse, recon_lpips=lp), layer=self.layer,
                         copy_index=self.copy_index))

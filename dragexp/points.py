@@ -12,15 +12,6 @@ import torch
 import torch.nn.functional as F
 
 
-def split_clicks(points_xy) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-    """Alternating clicks -> (handles, targets), each a list of (x, y)."""
-    pts = [tuple(map(float, p)) for p in points_xy]
-    if len(pts) == 0 or len(pts) % 2:
-        raise ValueError(f"points must alternate handle, target: got {len(pts)} points "
-                         "(an even, non-zero number is needed)")
-    return pts[0::2], pts[1::2]
-
-
 def supervision_size(image_hw: tuple[int, int], scale: float = 0.5) -> tuple[int, int]:
     """The supervision grid: int(scale * H) x int(scale * W) (half the image for DragDiffusion)."""
     return int(scale * image_hw[0]), int(scale * image_hw[1])

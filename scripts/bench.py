@@ -140,6 +140,7 @@ def run_pass(cfg, models, sample, speed, precision, count: bool):
     from hydra.utils import instantiate
 
     from dragexp.experiment import build_drag_callbacks
+    from dragexp.methods.base import EditContext
     from dragexp.profiling import StageProbe
     from dragexp.stages import observe_stages
 
@@ -147,8 +148,9 @@ def run_pass(cfg, models, sample, speed, precision, count: bool):
     probe = StageProbe(count=count)
     torch.manual_seed(int(cfg.seed))
     with tempfile.TemporaryDirectory() as lora_dir, observe_stages(probe):
-        result = method.edit(sample, models, build_drag_callbacks(cfg), lora_dir=lora_dir,
-                             precision=precision, progress=False, speed=speed)
+        result = method.edit(sample, models, EditContext(
+            build_drag_callbacks(cfg), lora_dir=lora_dir, precision=precision, progress=False,
+            speed=speed))
     return result, probe.stages
 
 

@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     from dragexp.image_prompt import dragon_attention
     from dragexp.memory_bank import (DragonAttentionControl, MemoryBank, bank_size_bytes,
                                      decoder_self_attention_layers)
-    from dragexp.methods.latent_drag import _autocast
+    from dragexp.methods.base import autocast_for
     from dragexp.models import build_sd15_random, build_tiny
     from dragexp.sampling import NoisePredictor
 
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
         res["memory_bank_bytes_all_50_steps_fp32"] = bank_size_bytes(unet, (h, w), steps)
         res["memory_bank_bytes_45_steps_fp32"] = bank_size_bytes(unet, (h, w), 45)
         res["memory_bank_bytes_45_steps_fp16"] = bank_size_bytes(unet, (h, w), 45, 1, 2)
-        autocast = _autocast(precision, device)
+        autocast = autocast_for(precision, device)
 
         if not args.skip_ops:
             g = torch.Generator().manual_seed(0)
@@ -153,6 +153,7 @@ def main(argv=None) -> dict:
 
         if args.whole:
             from dragexp.data.dragon_samples import DragonSamples
+            from dragexp.methods.base import EditContext
             from dragexp.methods.dragondiffusion import DragonDiffusionMethod
 
             sample = DragonSamples(1, (args.size, args.size), 0, task="drag")[0]
@@ -164,7 +165,7 @@ def main(argv=None) -> dict:
                     torch.cuda.reset_peak_memory_stats()
                 torch.manual_seed(0)
                 t0 = time.perf_counter()
-                r = m.edit(sample, models, [], precision=precision)
+                r = m.edit(sample, models, EditContext(precision=precision))
                 _sync()
                 row = dict(seconds_wall=round(time.perf_counter() - t0, 2),
                            timings={k: round(v, 2) for k, v in r.timings.items()},

@@ -22,6 +22,7 @@ from dragexp.dragon_regions import (DragRegions, copy_latent_patches, cv2_resize
                                     process_drag, process_move, working_size)
 from dragexp.dragon_sampling import DragonSchedule
 from dragexp.energy import ConvStubEstimator, drag_energies, guidance_drag
+from dragexp.methods.base import EditContext
 from dragexp.memory_bank import (DragonAttentionControl, MemoryBank, bank_size_bytes,
                                  decoder_self_attention_layers)
 
@@ -289,7 +290,7 @@ def test_diffeditor_image_prompt_from_local_sources(tiny, tmp_path):
                               image_prompt=dict(enabled=True, encoder=str(tmp_path / "encoder"),
                                                 adapter=str(tmp_path / "ip.bin"), num_tokens=4))
     torch.manual_seed(0)
-    r = m.edit(s, tiny, [])
+    r = m.edit(s, tiny, EditContext())
     adapter, _ = next(iter(m._ip_cache.values()))
     assert len(adapter.names) == 16 and adapter.image_proj is not None
     assert r.image.shape == (64, 64, 3) and r.num_steps == 3
@@ -376,7 +377,7 @@ def test_move_and_dplus_edit_in_process(tiny):
                               time_travel_repeats=2, sde_steps=[1, 1], ip_steps=[1, 1],
                               bank_start_step=1, memory_bank={"dtype": "float16"})
     torch.manual_seed(0)
-    r = m.edit(s, tiny, [])
+    r = m.edit(s, tiny, EditContext())
     assert r.image.shape == (64, 64, 3) and r.image.dtype == np.uint8
     assert r.num_steps == 3                               # guided i = 0, 2 (twice)
     assert r.extras["unet_calls"] == 6 + 1 + 2           # + one repeat, + two re-inversions

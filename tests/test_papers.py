@@ -18,6 +18,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 
+from dragexp.methods.base import EditContext
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 PAPERS = sorted(p.stem for p in (CONFIGS / "experiment" / "paper").glob("*.yaml"))
@@ -201,7 +203,7 @@ def test_dragon_switches_in_an_edit(tiny):
 
     def run(**kw):
         torch.manual_seed(0)
-        return DragonDiffusionMethod(**common, **kw).edit(s, tiny, [])
+        return DragonDiffusionMethod(**common, **kw).edit(s, tiny, EditContext())
 
     full = run()
     assert full.extras["memory_bank_bytes"] > 0
@@ -234,7 +236,7 @@ def test_feature_replacement_freezes_a_layer_from_a_step_on(tiny):
 
     probe = FeatureReplacementProbe(layer="mid", copy_from_step=7, n_inference_step=10,
                                     inversion_steps=10)
-    r = probe.edit(ProceduralSamples(1, (64, 64))[0], tiny, [])
+    r = probe.edit(ProceduralSamples(1, (64, 64))[0], tiny, EditContext())
     assert r.image.shape == (64, 64, 3) and r.extras["metrics"]["recon_mse"] > 0
     with pytest.raises(ValueError, match="method.layer"):
         layer_module(tiny.unet, "encoder9")

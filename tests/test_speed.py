@@ -16,6 +16,7 @@ import torch
 from dragexp.callbacks import PointTracking, StopWhenReached
 from dragexp.features import concat_then_resize
 from dragexp.lora import add_lora, lora_state_dict
+from dragexp.methods.base import EditContext
 from dragexp.modules.drag_optimisation import (CosineDragObjective, DragObjective,
                                                DragOptimisation, fit_drag)
 from dragexp.modules.lora_finetune import LoRAFineTune, RandomDraws, ReplayDraws, fit_lora
@@ -446,5 +447,5 @@ def test_dragon_batched_guidance_edit_matches_the_faithful_one(tiny, task):
         m = DragonDiffusionMethod(task=task, n_inference_step=6, max_resolution=64,
                                   guidance_steps=4, bank_start_step=1, latent_copy_border="clip")
         torch.manual_seed(0)
-        images.append(m.edit(s, tiny, [], speed=speed).image.astype(int))
+        images.append(m.edit(s, tiny, EditContext(speed=speed)).image.astype(int))
     assert np.abs(images[0] - images[1]).max() <= 2

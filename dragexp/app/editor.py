@@ -8,7 +8,6 @@ picked in the UI) and goes through the same helpers of :mod:`dragexp.experiment`
 
 from __future__ import annotations
 
-import inspect
 import os
 import pickle
 import re
@@ -30,6 +29,7 @@ from PIL import Image
 
 from ..data import DragSample, SampleError, ToyBench, validate_sample
 from ..experiment import build_drag_callbacks, load_models, pick_device, resolve_precision
+from ..methods.base import EditContext
 from ..speed import SpeedSettings, apply_to_models
 from ..results import write_result
 from .progress import EditProgress
@@ -254,20 +254,18 @@ class Editor:
                                                 mask=mask, prompt=prompt or "", category="app"))
             models = apply_to_models(load_models(cfg.model, self.device, self.dtype), self.speed)
             m = instantiate(cfg.method)
-            n_edit = m.n_actual() if callable(getattr(m, "n_actual", None)) else \
-                int(getattr(m, "n_actual", 0) or 0)
+            n_edit = m.edit_steps()
             tracker = EditProgress(report or (lambda f, t: None), dict(
                 lora=int(cfg.method.get("lora_steps", 0) or 0), inversion=n_edit,
                 optimisation=int(cfg.method.get("n_pix_step", 0) or 0), denoising=n_edit))
             callbacks = build_drag_callbacks(cfg) + [tracker.drag_callback()]
-            kwargs = {"speed": self.speed}
-            if "lora_callbacks" in inspect.signature(m.edit).parameters:
-                kwargs["lora_callbacks"] = [tracker.lora_callback()]
+            ctx = EditContext(callbacks, lora_dir=Path(cfg.paths.lora_cache),
+                              lora_callbacks=[tracker.lora_callback()], precision=self.precision,
+                              progress=bool(cfg.progress), speed=self.speed)
             torch.manual_seed(int(cfg.seed))
             t0 = time.perf_counter()
             with tracker.watch(models.unet):
-                result = m.edit(sample, models, callbacks, lora_dir=Path(cfg.paths.lora_cache),
-                                precision=self.precision, progress=bool(cfg.progress), **kwargs)
+                result = m.edit(sample, models, ctx)
             seconds = time.perf_counter() - t0
             folder = write_result(self.out_dir, sample, result,
                                   extra=dict(method=m.name, model=models.source, app=True))

@@ -31,7 +31,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..dragon_regions import (as_upload_mask, copy_latent_patches, feature_scale, latent_mask,
                               move_latent, nearest, paste_image, paste_latent, process_appearance,
@@ -41,8 +40,9 @@ from ..energy import (DecoderFeatureEstimator, ReferenceLatents, guidance_appear
                       guidance_drag, guidance_move, guidance_paste)
 from ..memory_bank import DragonAttentionControl, MemoryBank, decoder_self_attention_layers
 from ..schedule import DDIMSchedule
-from ..speed import SpeedSettings
-from .latent_drag import EditResult, StageTimer, _autocast
+from ..stages import StageTimer
+from .base import (EditContext, EditResult, autocast_for, decode_image, fixed_points_result,
+                   image_tensor, prompt_of)
 
 __all__ = ["DragonParams", "run_drag", "run_move", "run_blend", "DragonDiffusionMethod",
            "TASKS", "task_inputs", "up_block_sizes"]
@@ -460,16 +460,20 @@ class DragonDiffusionMethod:
         return torch.randn(tuple(latent0.shape), generator=g).to(latent0)
 
     # -- one edit ----------------------------------------------------------------------
-    def edit(self, sample, models, callbacks: list, *, lora_dir=None, precision: str = "32-true",
-             progress: bool = True, speed=None) -> EditResult:
-        """Edit one sample with ``self.task``; ``callbacks`` (drag callbacks) are not used.
+    def edit_steps(self) -> int:
+        """DDIM steps: DragonDiffusion inverts to z_T and samples every step back."""
+        return self.schedule.num_inference_steps
 
-        ``speed`` (:mod:`dragexp.speed`): DragonDiffusion trains nothing and has no reference
+    def edit(self, sample, models, ctx: EditContext) -> EditResult:
+        """Edit one sample with ``self.task``; the drag callbacks do not apply (no tracked
+        points), nor does LoRA.
+
+        ``ctx.speed`` (:mod:`dragexp.speed`): DragonDiffusion trains nothing and has no reference
         branch to cache; besides the model-wide switches (precision, memory format, compile,
         set on the models by the caller) ``batch_guidance`` applies: each guided step runs its
         estimator once and one backward instead of three calls and two backward passes.
         """
-        speed = speed or SpeedSettings()
+        speed, precision = ctx.speed, ctx.precision
         timer = StageTimer()
         task = self.task
         inp = task_inputs(sample, task, self.params.resize_scale)
@@ -481,13 +485,12 @@ class DragonDiffusionMethod:
         res = self.max_resolution or int(models.resolution)
         H, W, input_scale = working_size(H0, W0, res)
         image = resize_image(sample.image, (H, W))
-        prompt = self.prompt_override if self.prompt_override is not None else sample.prompt
+        prompt = prompt_of(sample, self.prompt_override)
         cond = models.encode_prompt(prompt).float()
         uncond = models.encode_prompt("").float()
 
         def encode(img: np.ndarray | torch.Tensor) -> torch.Tensor:
-            t = img if torch.is_tensor(img) else \
-                (torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0 - 0.5) * 2
+            t = img if torch.is_tensor(img) else image_tensor(img, centred=True)
             with torch.no_grad():
                 return models.encode_image(t.to(device, models.vae.dtype)).float()
 
@@ -517,7 +520,7 @@ class DragonDiffusionMethod:
                       init_latent=self._random_start(latent0), batched=speed.batch_guidance)
         from ..image_prompt import dragon_attention
 
-        with dragon_attention(models.unet, controller, adapter), _autocast(precision, device):
+        with dragon_attention(models.unet, controller, adapter), autocast_for(precision, device):
             if task == "drag":
                 out = run_drag(models.unet, latent0, cond, uncond, sample.points, inp.mask, (H, W),
                                input_scale, **common)
@@ -540,16 +543,11 @@ class DragonDiffusionMethod:
         bank_bytes = bank.nbytes
         bank.clear()
         with timer("decode"):
-            img = models.decode(out["final"].to(models.vae.dtype)).float()
-            img = F.interpolate(img, size=(H0, W0), mode="bilinear", align_corners=False)
-            result = ((img[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+            result = decode_image(models, out["final"], (H0, W0))
         timer.seconds["total"] = sum(timer.seconds.values())
         energies = [float(g.energy_edit) for g in trace.guidance]
-        return EditResult(
-            image=result, handles_xy=[tuple(p) for p in sample.handles],
-            targets_xy=[tuple(p) for p in sample.targets], trajectory_xy=[], losses=energies,
-            distances=[], num_steps=len(trace.guidance), stopped_early=False,
-            timings=dict(timer.seconds),
+        return fixed_points_result(
+            sample, result, timer.seconds, losses=energies, num_steps=len(trace.guidance),
             extras=dict(task=task, alg=plan.alg, working_size=[H, W], memory_bank_bytes=bank_bytes,
                         unet_calls=len(trace.call_iter) + len(trace.timetravel_t)))
 

@@ -23,7 +23,6 @@ Each stage is a function so that the conformance adapters call what the method c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,9 +37,11 @@ from ..modules.drag_optimisation import CosineDragObjective, DragOptimisation, f
 from ..points import binarize_mask, clicks_to_grid
 from ..sampling import NoisePredictor, ReferenceAttentionUNet, ReferenceGuidance, ddim_sample
 from ..schedule import DDIMSchedule
-from ..speed import SpeedSettings
 from ..targets import ReferenceLatentTarget
-from .latent_drag import EditResult, StageTimer, _autocast, edit_result
+from ..stages import StageTimer
+from .base import (EditContext, EditResult, autocast_for, decode_image, image_tensor,
+                   prompt_of)
+from .latent_drag import edit_result
 
 if TYPE_CHECKING:
     from ..data.sample import DragSample
@@ -200,8 +201,8 @@ class EasyDragMethod:
             raise ValueError(f"method.schedule must be 'ldm' or 'diffusers', got {schedule!r}")
         n = int(n_inference_step)
         self.schedule = DDIMSchedule.sd15_ldm(n) if schedule == "ldm" else DDIMSchedule.sd15(n)
-        self.n_actual = int(n_actual_inference_step)
-        self.schedule.edit_index(self.n_actual)          # validates the range early
+        self.n_actual_steps = int(n_actual_inference_step)
+        self.schedule.edit_index(self.n_actual_steps)          # validates the range early
         self.feature_idx = ([int(feature_idx)] if isinstance(feature_idx, (int, str))
                             else [int(i) for i in feature_idx])
         self.lr, self.n_pix_step = float(lr), int(n_pix_step)
@@ -229,18 +230,16 @@ class EasyDragMethod:
         return _Prompts(models.encode_prompt(f"{prompt}, {self.a_prompt}"),
                         models.encode_prompt(self.n_prompt))
 
-    def edit(self, sample: DragSample, models, callbacks: list, *,
-             lora_dir: str | Path | None = None, precision: str = "32-true",
-             progress: bool = True, lora_callbacks: list | tuple = (),
-             speed: SpeedSettings | None = None) -> EditResult:
-        """Edit one sample; ``callbacks`` are the drag callbacks (tracking, stop, auto mask, ...).
+    def edit_steps(self) -> int:
+        """DDIM steps inverted and denoised (``n_actual_inference_step``)."""
+        return self.n_actual_steps
 
-        ``lora_dir`` and ``lora_callbacks`` are accepted for the common signature; EasyDrag
-        trains no LoRA. ``speed``: the fast path's switches (:mod:`dragexp.speed`).
-        """
+    def edit(self, sample: DragSample, models, ctx: EditContext) -> EditResult:
+        """Edit one sample: inversion, the drag on ``latents[n]`` with the reference branch,
+        then reference-guided sampling. EasyDrag trains no LoRA (``ctx.lora_*`` unused)."""
         from ..data.sample import SampleError
 
-        speed = speed or SpeedSettings()
+        speed, callbacks, precision = ctx.speed, list(ctx.callbacks), ctx.precision
         timer = StageTimer()
         device = models.device
         H, W = sample.image.shape[:2]
@@ -252,25 +251,23 @@ class EasyDragMethod:
         target_check = ReferenceLatentTarget(self.training_reference)
         check_callbacks(callbacks, target_check)
         mask = user_mask(sample.mask, work).to(device)
-        prompt = self.prompt_override if self.prompt_override is not None else sample.prompt
-        autocast = _autocast(precision, device)
+        prompt = prompt_of(sample, self.prompt_override)
+        autocast = autocast_for(precision, device)
         prompts = self.prompts(models, prompt)
         cond = prompts.cond.float()
         uncond = cond if prompts.uncond is prompts.cond else prompts.uncond.float()
 
-        image = resize_image(sample.image, work)
-        image = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float()
-        image = image / 127.5 - 1.0
+        image = image_tensor(resize_image(sample.image, work))
         with timer("encode"), torch.no_grad():
             gen = torch.Generator().manual_seed(self.seed)
             latent0 = models.encode_image(image.to(device, models.vae.dtype), sample=True,
                                           generator=gen).float()
-        start = self.schedule.edit_index(self.n_actual)
+        start = self.schedule.edit_index(self.n_actual_steps)
         t = self.schedule.timesteps[start]
         with timer("inversion"), autocast:
             latents = [x.float() for x in
                        invert_all(NoisePredictor(models.unet, cond), latent0, self.schedule)]
-        z_t = latents[self.n_actual]
+        z_t = latents[self.n_actual_steps]
 
         recorder = next((c for c in callbacks if hasattr(c, "losses")), None)
         module = drag_module(models.unet, z_t, t, cond, handles.to(device), targets.to(device),
@@ -279,7 +276,7 @@ class EasyDragMethod:
                              cache_reference=speed.cache_reference,
                              fused_optimizer=speed.fused_optimizer)
         with timer("optimisation"):
-            fit_drag(module, callbacks, precision=precision, progress=progress)
+            fit_drag(module, callbacks, precision=precision, progress=ctx.progress)
         with timer("denoising"), autocast:
             out = sample_with_reference(ReferenceAttentionUNet(models.unet), module.result,
                                         cond, uncond, self.schedule, start, latents,
@@ -287,10 +284,7 @@ class EasyDragMethod:
                                         self.reference_offset, self.reference_only,
                                         batched=speed.batch_guidance)
         with timer("decode"):
-            img = models.decode(out.to(models.vae.dtype)).float()
-            img = F.interpolate(img, size=(H, W), mode="bilinear", align_corners=False)
-            result = ((img[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte()
-            result = result.cpu().numpy()
+            result = decode_image(models, out, (H, W))
 
         return edit_result(result, handles, targets, work, recorder, module, timer,
                            extras={"images": callback_images(callbacks, (H, W)),

@@ -13,13 +13,11 @@ rule, the tracker's border rule, propagation instead of reference control).
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..attention import ReferenceControl, attention_control, self_attention_layers
 from ..inversion import ddim_invert
@@ -28,10 +26,10 @@ from ..modules.drag_optimisation import DragObjective, DragOptimisation, fit_dra
 from ..points import binarize_mask, clicks_to_grid, resize_mask_nearest, supervision_size
 from ..sampling import NoisePredictor, ddim_sample
 from ..schedule import DDIMSchedule
-from ..speed import SpeedSettings
 from ..stages import StageTimer
 from ..targets import LatentTarget
 from ..trackers import BorderError
+from .base import EditContext, EditResult, autocast_for, decode_image, image_tensor, prompt_of
 
 if TYPE_CHECKING:
     from ..data.sample import DragSample
@@ -108,23 +106,6 @@ def denoise(unet, latents: torch.Tensor, text: torch.Tensor, schedule: DDIMSched
 
 
 # -- the method ------------------------------------------------------------------------------
-
-@dataclass
-class EditResult:
-    """Everything one edit produced (images uint8 HxWx3 at the source size)."""
-
-    image: np.ndarray
-    handles_xy: list[tuple[float, float]]
-    targets_xy: list[tuple[float, float]]
-    trajectory_xy: list[list[list[float]]]   # [step][handle] = [x, y] image pixels
-    losses: list[float]
-    distances: list[float]
-    num_steps: int
-    stopped_early: bool
-    timings: dict[str, float]
-    lora_path: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
 
 def edit_result(image: np.ndarray, handles: torch.Tensor, targets: torch.Tensor,
                 grid_hw: tuple[int, int], recorder, module, timer: StageTimer, *,
@@ -207,19 +188,16 @@ class LatentDragMethod:
         k = 0 if self.target_name == "bottleneck" else int(self.target_name[7:])
         return BottleneckTarget(k)
 
-    def n_actual(self) -> int:
+    def edit_steps(self) -> int:
+        """DDIM steps inverted and denoised: ``round(n_inference_step * inversion_strength)``."""
         return self.schedule.num_edit_steps(self.inversion_strength)
 
-    def edit(self, sample: DragSample, models, callbacks: list, *, lora_dir: str | Path,
-             precision: str = "32-true", progress: bool = True,
-             lora_callbacks: list | tuple = (), speed: SpeedSettings | None = None) -> EditResult:
-        """Edit one sample; ``callbacks`` are the drag callbacks (tracking, stop, recorder);
-        ``lora_callbacks`` extra Lightning callbacks of the LoRA fit (e.g. a progress display);
-        ``speed`` the fast path's switches (:mod:`dragexp.speed`; faithful by default)."""
-        speed = speed or SpeedSettings()
+    def edit(self, sample: DragSample, models, ctx: EditContext) -> EditResult:
+        """Edit one sample (METHODS.md steps 1-4): LoRA, inversion, drag, denoising."""
+        speed, callbacks = ctx.speed, list(ctx.callbacks)
         timer = StageTimer()
         H, W = sample.image.shape[:2]
-        prompt = self.prompt_override if self.prompt_override is not None else sample.prompt
+        prompt = prompt_of(sample, self.prompt_override)
         sup_hw = supervision_size((H, W), self.sup_scale)
         try:
             handles, targets = supervision_points(sample.points, (H, W), sup_hw)
@@ -236,18 +214,13 @@ class LatentDragMethod:
         try:
             with timer("lora"):
                 if self.lora["steps"] > 0:
-                    lora_path = self._lora(sample, prompt, models, text, lora_dir, precision,
-                                           progress, lora_callbacks, speed)
+                    lora_path = self._lora(sample, prompt, models, text, ctx)
             merged = merged_lora(models.unet) if speed.merge_lora else nullcontext()
             with merged:
                 module, out = self._drag_and_denoise(sample, models, callbacks, text, handles,
-                                                     targets, mask_sup, precision, progress,
-                                                     speed, timer)
+                                                     targets, mask_sup, ctx, timer)
             with timer("decode"):
-                img = models.decode(out[-1:].to(models.vae.dtype)).float()
-                img = F.interpolate(img, size=(H, W), mode="bilinear", align_corners=False)
-                result = ((img[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte()
-                result = result.cpu().numpy()
+                result = decode_image(models, out[-1:], (H, W))
         finally:   # the next sample starts from the base weights, whatever happened here
             if self.lora["steps"] > 0:
                 _disable_lora(models.unet)
@@ -258,14 +231,14 @@ class LatentDragMethod:
                            extras={"images": callback_images(callbacks, (H, W))})
 
     def _drag_and_denoise(self, sample, models, callbacks, text, handles, targets, mask_sup,
-                          precision, progress, speed, timer):
+                          ctx: EditContext, timer):
         """Encode, invert, optimise and denoise (METHODS.md steps 2-4): (drag module, latents)."""
-        device = models.device
-        autocast = _autocast(precision, device)
-        image = torch.from_numpy(sample.image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        device, speed = models.device, ctx.speed
+        autocast = autocast_for(ctx.precision, device)
+        image = image_tensor(sample.image)
         with timer("encode"), torch.no_grad():
             latent0 = models.encode_image(image.to(device, models.vae.dtype)).float()
-        n_actual = self.n_actual()
+        n_actual = self.edit_steps()
         start = self.schedule.edit_index(n_actual)
         t = self.schedule.timesteps[start]
         with timer("inversion"), autocast:
@@ -278,7 +251,7 @@ class LatentDragMethod:
                                   fused_optimizer=speed.fused_optimizer)
         with timer("optimisation"):
             try:
-                fit_drag(module, callbacks, precision=precision, progress=progress)
+                fit_drag(module, callbacks, precision=ctx.precision, progress=ctx.progress)
             except BorderError as exc:
                 raise BorderError(f"sample {sample.name!r}: {exc}") from exc
         edited, bottleneck = module.target.outcome(module)
@@ -305,11 +278,14 @@ class LatentDragMethod:
                     "where the authors' DragNoise code crashes; set method.tracker_border=clip "
                     "to clip the windows and continue")
 
-    def _lora(self, sample, prompt, models, text, lora_dir, precision, progress, callbacks,
-              speed: SpeedSettings):
+    def _lora(self, sample, prompt, models, text, ctx: EditContext):
         from ..lora import lora_cache_key
         from ..modules.lora_finetune import train_lora
 
+        if ctx.lora_dir is None:
+            raise ValueError(f"{self.name}: method.lora_steps={self.lora['steps']} needs a LoRA "
+                             "folder (EditContext.lora_dir; paths.lora_cache in the configs)")
+        precision, speed = ctx.precision, ctx.speed
         settings = dict(self.lora, resolution=int(models.resolution), seed=self.seed)
         prefetch, fused = speed.lora_prefetch, speed.fused_optimizer
         if precision not in ("32", "32-true") or prefetch:   # keys of fp32 runs stay as they were
@@ -317,19 +293,13 @@ class LatentDragMethod:
         if fused:
             settings.update(fused_optimizer=True)
         key = lora_cache_key(sample.image, prompt, models.source, settings)
-        return train_lora(models.unet, models.vae, text, sample.image, out_dir=lora_dir,
-                          cache_key=key, progress=progress, callbacks=list(callbacks),
+        return train_lora(models.unet, models.vae, text, sample.image, out_dir=ctx.lora_dir,
+                          cache_key=key, progress=ctx.progress, callbacks=list(ctx.lora_callbacks),
                           trainer_kwargs=dict(precision=precision),
                           scaling_factor=models.scaling_factor, rank=self.lora["rank"],
                           lr=self.lora["lr"], steps=self.lora["steps"],
                           batch_size=self.lora["batch_size"], resolution=int(models.resolution),
                           seed=self.seed, prefetch=prefetch, fused_optimizer=fused)
-
-
-def _autocast(precision: str, device: torch.device):
-    if device.type == "cuda" and precision in ("16-mixed", "bf16-mixed"):
-        return torch.autocast("cuda", dtype=torch.float16 if precision == "16-mixed" else torch.bfloat16)
-    return nullcontext()
 
 
 def _disable_lora(unet) -> None:

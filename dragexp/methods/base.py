@@ -1,0 +1,129 @@
+"""The contract every editing method implements, and the steps they all share.
+
+A method is a plain object built by Hydra from ``configs/method/<name>.yaml``. The experiment
+loop, the editor and the benchmarks call it only through :class:`DragMethod`:
+
+* ``name``: written with the results;
+* ``edit_steps()``: how many DDIM steps its inversion and its denoising run (progress displays);
+* ``edit(sample, models, ctx) -> EditResult``: one edit, everything the run needs besides the
+  sample and the models travelling in one :class:`EditContext`.
+
+Shared pre- and post-processing lives here once: the prompt (``prompt_override``), the image
+as the VAE's input, and the decoded latent back as a uint8 image at the source size.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..speed import SpeedSettings
+
+
+@dataclass
+class EditResult:
+    """Everything one edit produced (images uint8 HxWx3 at the source size)."""
+
+    image: np.ndarray
+    handles_xy: list[tuple[float, float]]
+    targets_xy: list[tuple[float, float]]
+    trajectory_xy: list[list[list[float]]]   # [step][handle] = [x, y] image pixels
+    losses: list[float]
+    distances: list[float]
+    num_steps: int
+    stopped_early: bool
+    timings: dict[str, float]
+    lora_path: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EditContext:
+    """How to run one edit, the same for every method.
+
+    Attributes:
+        callbacks: drag callbacks (tracking, stop, recorder, auto mask) from the ``callbacks``
+            config group; methods without a point optimisation ignore them.
+        lora_dir: where LoRAs are cached (methods that fine-tune one).
+        lora_callbacks: extra Lightning callbacks of the LoRA fit (e.g. the editor's progress).
+        precision: Lightning precision string (``32-true``, ``bf16-mixed``, ``16-mixed``).
+        progress: show progress bars.
+        speed: the fast path's switches (:mod:`dragexp.speed`); faithful by default.
+    """
+
+    callbacks: tuple = ()
+    lora_dir: str | Path | None = None
+    lora_callbacks: tuple = ()
+    precision: str = "32-true"
+    progress: bool = True
+    speed: SpeedSettings = field(default_factory=SpeedSettings)
+
+    def __post_init__(self):
+        object.__setattr__(self, "callbacks", tuple(self.callbacks or ()))
+        object.__setattr__(self, "lora_callbacks", tuple(self.lora_callbacks or ()))
+        if self.speed is None:
+            object.__setattr__(self, "speed", SpeedSettings())
+
+
+@runtime_checkable
+class DragMethod(Protocol):
+    """What the experiment loop, the editor and the benchmarks need of a method."""
+
+    name: str
+
+    def edit_steps(self) -> int:
+        """DDIM steps of the inversion (and of the denoising that follows it)."""
+
+    def edit(self, sample, models, ctx: EditContext) -> EditResult:
+        """Edit one :class:`~dragexp.data.DragSample` with a :class:`~dragexp.models.ModelBundle`."""
+
+
+def autocast_for(precision: str, device: torch.device):
+    """Autocast for Lightning's mixed precisions on CUDA; a no-op context otherwise (fp32, CPU)."""
+    if device.type == "cuda" and precision in ("16-mixed", "bf16-mixed"):
+        return torch.autocast("cuda", dtype=torch.float16 if precision == "16-mixed"
+                              else torch.bfloat16)
+    return nullcontext()
+
+
+def prompt_of(sample, prompt_override: str | None) -> str:
+    """The prompt an edit uses: ``method.prompt_override`` when set, else the sample's."""
+    return prompt_override if prompt_override is not None else sample.prompt
+
+
+def image_tensor(image: np.ndarray, centred: bool = False) -> torch.Tensor:
+    """A uint8 HxWx3 image as the VAE's (1, 3, H, W) input in [-1, 1].
+
+    ``x / 127.5 - 1`` (DragDiffusion's and EasyDrag's arithmetic); ``centred=True`` computes
+    ``(x / 255 - 0.5) * 2`` as DragonDiffusion's code does, which rounds differently in the
+    last bit (the conformance cases see that bit).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    return (x / 255.0 - 0.5) * 2 if centred else x / 127.5 - 1.0
+
+
+@torch.no_grad()
+def decode_image(models, latent: torch.Tensor, size_hw: tuple[int, int]) -> np.ndarray:
+    """Decodes ``latent`` (the first of the batch), resizes it bilinearly to ``size_hw`` (the
+    source size) and returns it as uint8 HxWx3."""
+    img = models.decode(latent.to(models.vae.dtype)).float()
+    img = F.interpolate(img, size=tuple(size_hw), mode="bilinear", align_corners=False)
+    return ((img[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+
+
+def fixed_points_result(sample, image: np.ndarray, timings: dict[str, float], *,
+                        losses: list[float] | None = None, num_steps: int = 0,
+                        extras: dict | None = None) -> EditResult:
+    """An :class:`EditResult` of a method that moves no tracked points (its handles and
+    targets are the sample's clicks, its trajectory empty)."""
+    return EditResult(
+        image=image, handles_xy=[tuple(p) for p in sample.handles],
+        targets_xy=[tuple(p) for p in sample.targets], trajectory_xy=[],
+        losses=list(losses or []), distances=[], num_steps=int(num_steps), stopped_early=False,
+        timings=dict(timings), extras=dict(extras or {}))
