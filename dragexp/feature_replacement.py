@@ -186,7 +186,6 @@ class FeatureReplacementProbe:
                              - sample.image.astype(np.float64) / 255.0) ** 2))
         lp = float(lpips_distance(self.lpips, sample.image, result)) if self.lpips is not None \
             else float("nan")
-        timer.seconds["total"] = sum(timer.seconds.values())
         return fixed_points_result(
             sample, result, timer.seconds,
             extras=dict(metrics=dict(recon_mse=mse, recon_lpips=lp), layer=self.layer,

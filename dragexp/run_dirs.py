@@ -79,9 +79,9 @@ def run_dir(root: str, new: str, overrides, resume) -> str:
     so every later resolution of ``hydra.run.dir`` names the same folder."""
     key = (str(root), str(new), result_key(overrides), str(resume))
     if key not in _CHOSEN:
-        if isinstance(resume, str) and resume.lower() not in ("true", "false", "auto"):
+        if isinstance(resume, str) and resume.lower() not in ("true", "false"):
             chosen = resume  # resume=<folder>
-        elif str(resume).lower() in ("true", "auto"):
+        elif str(resume).lower() == "true":
             found = latest_unfinished(root, overrides)
             chosen = str(found) if found is not None else new
         else:

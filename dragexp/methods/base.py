@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..speed import SpeedSettings
+from ..stages import StageTimer
 
 
 @dataclass
@@ -117,6 +118,27 @@ def decode_image(models, latent: torch.Tensor, size_hw: tuple[int, int]) -> np.n
     return ((img[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
 
 
+def edit_result(image: np.ndarray, handles: torch.Tensor, targets: torch.Tensor,
+                grid_hw: tuple[int, int], recorder, module, timer: StageTimer, *,
+                lora_path=None, extras: dict | None = None) -> EditResult:
+    """Assemble an :class:`EditResult`: points and trajectory mapped from the method's point
+    grid ``grid_hw`` (row, col) to source-image pixels (x, y); ``image`` is at source size."""
+    H, W = image.shape[:2]
+
+    def to_xy(rc):
+        return [[c / grid_hw[1] * W, r / grid_hw[0] * H] for r, c in rc]
+
+    return EditResult(
+        image=image, handles_xy=[tuple(p) for p in to_xy(handles.tolist())],
+        targets_xy=[tuple(p) for p in to_xy(targets.tolist())],
+        trajectory_xy=[to_xy(step) for step in (recorder.handles if recorder else [])],
+        losses=list(recorder.losses) if recorder else [],
+        distances=list(recorder.distances) if recorder else [],
+        num_steps=module.num_steps, stopped_early=module.stopped_early,
+        timings=_with_total(timer.seconds), lora_path=str(lora_path) if lora_path else None,
+        extras=dict(extras or {}))
+
+
 def fixed_points_result(sample, image: np.ndarray, timings: dict[str, float], *,
                         losses: list[float] | None = None, num_steps: int = 0,
                         extras: dict | None = None) -> EditResult:
@@ -126,4 +148,9 @@ def fixed_points_result(sample, image: np.ndarray, timings: dict[str, float], *,
         image=image, handles_xy=[tuple(p) for p in sample.handles],
         targets_xy=[tuple(p) for p in sample.targets], trajectory_xy=[],
         losses=list(losses or []), distances=[], num_steps=int(num_steps), stopped_early=False,
-        timings=dict(timings), extras=dict(extras or {}))
+        timings=_with_total(timings), extras=dict(extras or {}))
+
+
+def _with_total(seconds: dict[str, float]) -> dict[str, float]:
+    """The stage seconds with their sum as ``total``."""
+    return {**seconds, "total": sum(v for k, v in seconds.items() if k != "total")}

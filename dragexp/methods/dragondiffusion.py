@@ -544,7 +544,6 @@ class DragonDiffusionMethod:
         bank.clear()
         with timer("decode"):
             result = decode_image(models, out["final"], (H0, W0))
-        timer.seconds["total"] = sum(timer.seconds.values())
         energies = [float(g.energy_edit) for g in trace.guidance]
         return fixed_points_result(
             sample, result, timer.seconds, losses=energies, num_steps=len(trace.guidance),

@@ -39,9 +39,8 @@ from ..sampling import NoisePredictor, ReferenceAttentionUNet, ReferenceGuidance
 from ..schedule import DDIMSchedule
 from ..targets import ReferenceLatentTarget
 from ..stages import StageTimer
-from .base import (EditContext, EditResult, autocast_for, decode_image, image_tensor,
-                   prompt_of)
-from .latent_drag import edit_result
+from .base import (EditContext, EditResult, autocast_for, decode_image, edit_result,
+                   image_tensor, prompt_of)
 
 if TYPE_CHECKING:
     from ..data.sample import DragSample

@@ -29,7 +29,7 @@ from ..schedule import DDIMSchedule
 from ..stages import StageTimer
 from ..targets import LatentTarget
 from ..trackers import BorderError
-from .base import EditContext, EditResult, autocast_for, decode_image, image_tensor, prompt_of
+from .base import EditContext, EditResult, autocast_for, decode_image, edit_result, image_tensor, prompt_of
 
 if TYPE_CHECKING:
     from ..data.sample import DragSample
@@ -106,27 +106,6 @@ def denoise(unet, latents: torch.Tensor, text: torch.Tensor, schedule: DDIMSched
 
 
 # -- the method ------------------------------------------------------------------------------
-
-def edit_result(image: np.ndarray, handles: torch.Tensor, targets: torch.Tensor,
-                grid_hw: tuple[int, int], recorder, module, timer: StageTimer, *,
-                lora_path=None, extras: dict | None = None) -> EditResult:
-    """Assemble an :class:`EditResult`: points and trajectory mapped from the method's point
-    grid ``grid_hw`` (row, col) to source-image pixels (x, y); ``image`` is at source size."""
-    H, W = image.shape[:2]
-
-    def to_xy(rc):
-        return [[c / grid_hw[1] * W, r / grid_hw[0] * H] for r, c in rc]
-
-    timer.seconds["total"] = sum(timer.seconds.values())
-    return EditResult(
-        image=image, handles_xy=[tuple(p) for p in to_xy(handles.tolist())],
-        targets_xy=[tuple(p) for p in to_xy(targets.tolist())],
-        trajectory_xy=[to_xy(step) for step in (recorder.handles if recorder else [])],
-        losses=list(recorder.losses) if recorder else [],
-        distances=list(recorder.distances) if recorder else [],
-        num_steps=module.num_steps, stopped_early=module.stopped_early,
-        timings=dict(timer.seconds), lora_path=str(lora_path) if lora_path else None,
-        extras=dict(extras or {}))
 
 class LatentDragMethod:
     """DragDiffusion (and, by its parameters, DragNoise) on one :class:`DragSample`.

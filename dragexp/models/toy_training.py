@@ -360,7 +360,10 @@ def train_toy_model(cfg, command: str, work_dir: str | Path = ".") -> Path:
             raise FileNotFoundError(f"init={init}: not a toy model folder (no training.json); "
                                     "pass a folder written by scripts/train_toy_model.py")
         previous = json.loads((init / "training.json").read_text())
-        vae = AutoencoderKL.from_pretrained(str(init / "vae"), torch_dtype=torch.float32)
+        from dragexp.models.toy import load_toy
+
+        start = load_toy(str(init))
+        vae = start.vae
         history = previous["vae_cycles"]
         cycles, done = [h["steps"] for h in history], len(history)
     elif cfg.vae.get("load"):
@@ -411,9 +414,10 @@ def train_toy_model(cfg, command: str, work_dir: str | Path = ".") -> Path:
         text_encoder = build_toy_text_encoder(tokenizer)
         unet = UNet2DConditionModel(**toy_unet_config(cfg.resolution))
     else:
-        text_encoder = CLIPTextModel.from_pretrained(str(init / "text_encoder"),
-                                                     torch_dtype=torch.float32)
-        unet = UNet2DConditionModel.from_pretrained(str(init / "unet"), torch_dtype=torch.float32)
+        # The loaded bundle comes frozen and in eval mode, as for editing; training needs both
+        # undone.
+        text_encoder = start.text_encoder.train().requires_grad_(True)
+        unet = start.unet.train().requires_grad_(True)
     unet_module = ToyUNetTraining(unet, text_encoder, tokenizer, lr=cfg.unet.lr,
                                   text_lr=cfg.unet.text_lr,
                                   caption_dropout=cfg.unet.caption_dropout, steps=cfg.unet.steps)
