@@ -1,7 +1,8 @@
 """Lightning callbacks of dragexp (installed as ``dragexp.callbacks``)."""
 
-from .auto_mask import AutoMask, AutoMaskError, callback_images, check_callbacks
-from .drag import DragCallback, PointTracking, StopWhenReached, TrajectoryRecorder
+from .auto_mask import AutoMask, AutoMaskError
+from .drag import (DragCallback, PointTracking, StopWhenReached, TrajectoryRecorder,
+                   callback_images, check_before_edit, trajectory_recorder)
 
 __all__ = ["AutoMask", "AutoMaskError", "DragCallback", "PointTracking", "StopWhenReached",
-           "TrajectoryRecorder", "callback_images", "check_callbacks"]
+           "TrajectoryRecorder", "callback_images", "check_before_edit", "trajectory_recorder"]

@@ -1,11 +1,11 @@
-"""EasyDrag's automatic editable mask as a drag callback (METHODS.md EasyDrag, "Auto mask").
+"""EasyDrag's automatic editable mask as a drag callback (docs/methods.md, EasyDrag 13).
 
 At step 0 and at every step in which tracking moved a handle, :class:`AutoMask` asks the step's
 :class:`~dragexp.modules.drag_optimisation.DragState` for the summed point loss and its gradient
 with respect to z_t (a backward that keeps the graph, before the terms that use the mask), turns
-it into a mask with :func:`dragexp.losses.gradient_mask` (|channel mean|, min-max to 0..255,
+it into a mask with :func:`dragexp.drag.losses.gradient_mask` (|channel mean|, min-max to 0..255,
 editable where > 100) and hands that mask to the objective through ``state.mask``; in between
-the last mask is reused (NOTES_easydrag_dragondiffusion.md items 9 and 13).
+the last mask is reused (docs/methods.md, EasyDrag 9 and 13).
 
 It works with any objective that has point terms: with EasyDrag's the mask bounds the
 consistency term; with DragDiffusion's (``callbacks=[default,auto_mask]``) it replaces the drawn
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dragexp.losses import gradient_mask
+from dragexp.drag.losses import gradient_mask
 
 from .drag import DragCallback
 
@@ -44,7 +44,6 @@ class AutoMask(DragCallback):
     # after tracking (10) and the stop rule (20): it needs the tracked handles and does no work
     # on a step that stops; before trajectory recording (30).
     drag_hook_order = 25
-    needs_latent_gradient = True
 
     def __init__(self, threshold: float = 100.0, enabled: bool = True):
         self.threshold = float(threshold)
@@ -67,6 +66,10 @@ class AutoMask(DragCallback):
                 f"this method optimises {getattr(target, 'name', type(target).__name__)!r} "
                 "(DragNoise's bottleneck: its gradient has no image-pixel meaning); drop "
                 "callbacks.auto_mask or use a latent-optimising method (dragdiffusion, easydrag)")
+
+    def check_before_edit(self, target, handles, sample) -> None:
+        if self.enabled:
+            self.check_target(target)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.reset()
@@ -96,19 +99,3 @@ class AutoMask(DragCallback):
             up = F.interpolate(m.float(), size=tuple(size), mode="nearest")[0, 0]
             out[f"{prefix}_{k:02d}_step{s:03d}"] = (up.numpy() * 255).astype(np.uint8)
         return out
-
-
-def callback_images(callbacks, size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Images that drag callbacks kept for logging (auto masks), resized to ``size``."""
-    out: dict[str, np.ndarray] = {}
-    for cb in callbacks:
-        if hasattr(cb, "images") and callable(cb.images):
-            out.update(cb.images(size))
-    return out
-
-
-def check_callbacks(callbacks, target) -> None:
-    """Refuse, before any work, callbacks that cannot run with this optimisation target."""
-    for cb in callbacks:
-        if getattr(cb, "needs_latent_gradient", False) and getattr(cb, "enabled", True):
-            AutoMask.check_target(target)

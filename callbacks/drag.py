@@ -8,10 +8,11 @@ that has it, between the forward and the loss, in ``drag_hook_order``; and
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import torch
 
-from dragexp.losses import all_reached
-from dragexp.trackers import NearestFeatureTracker, handles_moved
+from dragexp.drag.losses import all_reached
+from dragexp.drag.trackers import NearestFeatureTracker, Tracker, handles_moved
 
 
 class DragCallback(L.Callback):
@@ -25,12 +26,42 @@ class DragCallback(L.Callback):
     def on_drag_step_end(self, trainer, module, state) -> None:
         pass
 
+    def check_before_edit(self, target, handles: torch.Tensor, sample) -> None:
+        """Raise, before the edit does any work, if this callback cannot run on ``sample``
+        (a :class:`~dragexp.data.sample.DragSample`) with its supervision ``handles`` and the
+        method's optimisation ``target``; nothing here."""
+
+    def images(self, size: tuple[int, int]) -> dict[str, np.ndarray]:
+        """Images this callback kept for logging, resized to ``size``; none here."""
+        return {}
+
+
+def check_before_edit(callbacks, target, handles: torch.Tensor, sample) -> None:
+    """Ask every drag callback whether it can run on this sample with this target."""
+    for cb in callbacks:
+        if isinstance(cb, DragCallback):
+            cb.check_before_edit(target, handles, sample)
+
+
+def callback_images(callbacks, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Images that drag callbacks kept for logging (auto masks), resized to ``size``."""
+    out: dict[str, np.ndarray] = {}
+    for cb in callbacks:
+        if isinstance(cb, DragCallback):
+            out.update(cb.images(size))
+    return out
+
+
+def trajectory_recorder(callbacks) -> "TrajectoryRecorder | None":
+    """The callbacks' trajectory recorder (whose handles and losses go into the result)."""
+    return next((cb for cb in callbacks if isinstance(cb, TrajectoryRecorder)), None)
+
 
 class PointTracking(DragCallback):
     """Move each handle to where its initial feature now is, from ``start_step`` on.
 
     The tracker strategy (default: DragDiffusion's L1 nearest neighbour in a 7x7 window, from
-    the second step; EasyDrag's :class:`dragexp.trackers.NextPointTracker` from step 0) is given
+    the second step; EasyDrag's :class:`dragexp.drag.trackers.NextPointTracker` from step 0) is given
     by config; it sees this step's features, so tracking costs no extra forward. Sets
     ``state.moved`` when a handle changed.
     """
@@ -40,6 +71,10 @@ class PointTracking(DragCallback):
     def __init__(self, tracker=None, start_step: int = 1):
         self.tracker = tracker or NearestFeatureTracker()
         self.start_step = int(start_step)
+
+    def check_before_edit(self, target, handles: torch.Tensor, sample) -> None:
+        if isinstance(self.tracker, Tracker):
+            self.tracker.check_start(handles, sample)
 
     def on_drag_features(self, trainer, module, state) -> None:
         if state.step < self.start_step:

@@ -24,11 +24,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .data.sample import SampleError
+from .drag.trackers import BorderError
 from .methods.base import EditContext
-from .results import is_done, write_json_atomic, write_result
-from .speed import SpeedSettings, apply_to_models
-from .trackers import BorderError
-from .wandb_run import ExperimentLog
+from .performance.speed import SpeedSettings, apply_to_models
+from .reporting.results import is_done, write_json_atomic, write_result
+from .reporting.wandb_run import ExperimentLog
 
 log = logging.getLogger("dragexp")
 
@@ -46,7 +46,7 @@ def load_models(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype)
 
 
 def resolve_precision(requested: str, device: torch.device) -> tuple[str, torch.dtype]:
-    """(Lightning precision, base-weight dtype). fp32 on CPU (FRAMEWORK.md, Lightning)."""
+    """(Lightning precision, base-weight dtype). fp32 on CPU (docs/methods.md, Framework 4)."""
     requested = str(requested)
     if device.type != "cuda":
         if requested not in ("32", "32-true"):

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from .experiment import summarise
-from .results import write_json_atomic
+from .reporting.results import write_json_atomic
 
 
 def merge_shards(out: str | Path, shard_dirs: list[str | Path]) -> dict:

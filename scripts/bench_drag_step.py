@@ -57,12 +57,14 @@ def _rss_gib() -> float:
 
 def bench(models, target_name: str, size: int, steps: int, precision: str) -> dict:
     from dragexp.callbacks import AutoMask, PointTracking, StopWhenReached
-    from dragexp.features import concat_then_resize
+    from dragexp.core.features import concat_then_resize
     from dragexp.modules.drag_optimisation import (CosineDragObjective, DragObjective,
                                                    DragOptimisation, fit_drag)
-    from dragexp.schedule import DDIMSchedule
-    from dragexp.targets import BottleneckTarget, LatentTarget, ReferenceLatentTarget
-    from dragexp.trackers import NextPointTracker
+    from dragexp.core.schedule import DDIMSchedule
+    from dragexp.methods.latent_drag.bottleneck import BottleneckTarget
+    from dragexp.drag.targets import LatentTarget
+    from dragexp.methods.easydrag.reference import ReferenceLatentTarget
+    from dragexp.drag.trackers import NextPointTracker
 
     h = w = size // 8
     torch.manual_seed(0)

@@ -65,14 +65,15 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from dragexp.dragon_regions import process_drag
-    from dragexp.energy import DecoderFeatureEstimator, guidance_drag
-    from dragexp.image_prompt import dragon_attention
-    from dragexp.memory_bank import (DragonAttentionControl, MemoryBank, bank_size_bytes,
-                                     decoder_self_attention_layers)
+    from dragexp.methods.dragondiffusion.regions import process_drag
+    from dragexp.methods.dragondiffusion.energy import DecoderFeatureEstimator, guidance_drag
+    from dragexp.methods.dragondiffusion.image_prompt import dragon_attention
+    from dragexp.methods.dragondiffusion.memory_bank import (DragonAttentionControl, MemoryBank,
+                                                             bank_size_bytes,
+                                                             decoder_self_attention_layers)
     from dragexp.methods.base import autocast_for
     from dragexp.models import build_sd15_random, build_tiny
-    from dragexp.sampling import NoisePredictor
+    from dragexp.core.sampling import NoisePredictor
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
@@ -154,7 +155,7 @@ def main(argv=None) -> dict:
         if args.whole:
             from dragexp.data.dragon_samples import DragonSamples
             from dragexp.methods.base import EditContext
-            from dragexp.methods.dragondiffusion import DragonDiffusionMethod
+            from dragexp.methods.dragondiffusion.method import DragonDiffusionMethod
 
             sample = DragonSamples(1, (args.size, args.size), 0, task="drag")[0]
             res["whole_edit"] = {}

@@ -4,8 +4,8 @@ for an ``experiment=paper/*`` folder also paper_table.csv and paper_figure.png."
 
 import sys
 
-from dragexp.paper_plots import write_paper_figure
-from dragexp.summary import write_summary
+from dragexp.reporting.paper_plots import write_paper_figure
+from dragexp.reporting.summary import write_summary
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:

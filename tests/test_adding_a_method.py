@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dragexp.trackers import LineSearchTracker
+from dragexp.methods.freedrag_like import LineSearchTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,13 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dragexp.attention import (ReferenceControl, attention_control, self_attention_layers,
-                               transformer_blocks)
-from dragexp.features import FeatureTap, replace_output
-from dragexp.losses import all_reached, mask_preservation_loss, motion_supervision_loss, sample_patch
-from dragexp.points import clicks_to_grid, supervision_size
-from dragexp.trackers import BorderError, NearestFeatureTracker
-from dragexp.unet_split import UNetDecoder
+from dragexp.core.attention import (ReferenceControl, attention_control, self_attention_layers,
+                                    transformer_blocks)
+from dragexp.core.features import FeatureTap, replace_output
+from dragexp.drag.losses import (all_reached, mask_preservation_loss, motion_supervision_loss,
+                                 sample_patch)
+from dragexp.drag.points import clicks_to_grid, supervision_size
+from dragexp.drag.trackers import BorderError, NearestFeatureTracker
+from dragexp.methods.latent_drag.unet_split import UNetDecoder
 
 
 def test_clicks_round_half_to_even():
@@ -105,7 +106,7 @@ def test_decoder_only_equals_full_forward(tiny):
 
 
 def test_decoder_from_a_later_feature(tiny):
-    from dragexp.features import feature_module
+    from dragexp.core.features import feature_module
 
     unet = tiny.unet
     x, text = torch.randn(1, 4, 9, 7), tiny.encode_prompt("x")

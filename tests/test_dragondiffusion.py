@@ -18,13 +18,16 @@ import torch
 from conftest import CONFORMANCE, conformance_cases, require_shared
 from dragexp.data import DragSample, FolderSamples, write_sample_folder
 from dragexp.data.sample import SampleError
-from dragexp.dragon_regions import (DragRegions, copy_latent_patches, cv2_resize_linear,
-                                    process_drag, process_move, working_size)
-from dragexp.dragon_sampling import DragonSchedule
-from dragexp.energy import ConvStubEstimator, drag_energies, guidance_drag
+from dragexp.methods.base import working_size
+from dragexp.methods.dragondiffusion.regions import (DragRegions, copy_latent_patches,
+                                                     cv2_resize_linear, process_drag, process_move)
+from dragexp.methods.dragondiffusion.sampling import DragonSchedule
+from dragexp.conformance.dragondiffusion import ConvStubEstimator
+from dragexp.methods.dragondiffusion.energy import drag_energies, guidance_drag
 from dragexp.methods.base import EditContext
-from dragexp.memory_bank import (DragonAttentionControl, MemoryBank, bank_size_bytes,
-                                 decoder_self_attention_layers)
+from dragexp.methods.dragondiffusion.memory_bank import (DragonAttentionControl, MemoryBank,
+                                                         bank_size_bytes,
+                                                         decoder_self_attention_layers)
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = conformance_cases("dragondiffusion_")
@@ -53,9 +56,11 @@ def test_cv2_bilinear_resize_matches_opencv_values():
     assert np.nonzero(on.any(1))[0].tolist() == [2, 3, 4] and np.nonzero(on.any(0))[0].tolist() == [2, 3, 4]
 
 
-def test_working_size_and_input_scale():
-    assert working_size(160, 240, area=24576) == (128, 192, 0.8)
-    assert working_size(341, 512, 512)[:2] == (448, 640)     # area 512^2, sides x64
+def test_working_size_by_area():
+    assert working_size((160, 240), area=24576) == (128, 192)
+    assert working_size((341, 512), area=512 ** 2) == (448, 640)     # sides x64
+    with pytest.raises(ValueError, match="at least 64"):
+        working_size((40, 400), area=64 ** 2)
 
 
 def _patch(h, w, r, c):
@@ -148,7 +153,7 @@ def test_process_move_rolls_and_pastes():
 # -- memory bank and attention --------------------------------------------------------------
 
 def test_memory_bank_records_decoder_self_attention_and_concatenates(tiny):
-    from dragexp.attention import attention_control
+    from dragexp.core.attention import attention_control
 
     unet = tiny.unet
     layers = decoder_self_attention_layers(unet)
@@ -196,7 +201,7 @@ def test_memory_bank_can_store_half_precision(tiny):
 
 
 def test_image_prompt_only_when_active(tiny):
-    from dragexp.image_prompt import ImagePromptAdapter, dragon_attention
+    from dragexp.methods.dragondiffusion.image_prompt import ImagePromptAdapter, dragon_attention
 
     unet = tiny.unet
     g = torch.Generator().manual_seed(1)
@@ -223,7 +228,7 @@ def test_image_prompt_only_when_active(tiny):
 
 
 def test_ip_adapter_checkpoint_layout_maps_processors_in_order(tiny):
-    from dragexp.image_prompt import ImagePromptAdapter
+    from dragexp.methods.dragondiffusion.image_prompt import ImagePromptAdapter
 
     names = list(tiny.unet.attn_processors)
     ckpt = {"ip_adapter": {f"{n}.to_{kv}_ip.weight": torch.full((32, 32), float(n))
@@ -236,7 +241,7 @@ def test_ip_adapter_checkpoint_layout_maps_processors_in_order(tiny):
 
 
 def test_missing_image_encoder_is_a_clear_error(tmp_path, monkeypatch):
-    from dragexp.image_prompt import ImagePromptEncoder, load_ip_checkpoint
+    from dragexp.methods.dragondiffusion.image_prompt import ImagePromptEncoder, load_ip_checkpoint
     from dragexp.models.errors import ModelSourceError
 
     with pytest.raises(ModelSourceError, match="image encoder folder not found"):
@@ -272,7 +277,7 @@ def test_diffeditor_image_prompt_from_local_sources(tiny, tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from dragexp.data.dragon_samples import DragonSamples
-    from dragexp.methods.dragondiffusion import DragonDiffusionMethod
+    from dragexp.methods.dragondiffusion.method import DragonDiffusionMethod
 
     g = torch.Generator().manual_seed(0)
     CLIPVisionModelWithProjection(CLIPVisionConfig(
@@ -320,7 +325,7 @@ def _sample(**extras):
 
 
 def test_missing_task_input_names_the_sample_and_the_input():
-    from dragexp.methods.dragondiffusion import task_inputs
+    from dragexp.methods.dragondiffusion.method import task_inputs
 
     with pytest.raises(SampleError, match=r"sample 'cat_01'.*'appearance'.*image2"):
         task_inputs(_sample(), "appearance")
@@ -339,7 +344,7 @@ def test_missing_task_input_names_the_sample_and_the_input():
 def test_folder_sample_second_image_by_file_name(tmp_path):
     from PIL import Image
 
-    from dragexp.methods.dragondiffusion import task_inputs
+    from dragexp.methods.dragondiffusion.method import task_inputs
 
     folder = write_sample_folder(_sample(), tmp_path / "edits" / "cat_01")
     Image.fromarray(np.full((48, 40, 3), 200, np.uint8)).save(folder / "second.png")
@@ -356,7 +361,7 @@ def test_folder_sample_second_image_by_file_name(tmp_path):
 
 def test_builtin_samples_carry_every_task_input():
     from dragexp.data.dragon_samples import DragonSamples
-    from dragexp.methods.dragondiffusion import TASKS, task_inputs
+    from dragexp.methods.dragondiffusion.method import TASKS, task_inputs
 
     for task in TASKS:
         s = DragonSamples(1, (64, 64), 0, task=task)[0]
@@ -369,7 +374,7 @@ def test_builtin_samples_carry_every_task_input():
 def test_move_and_dplus_edit_in_process(tiny):
     """A short move edit with the D+ machinery squeezed into 6 steps (SDE, time travel)."""
     from dragexp.data.dragon_samples import DragonSamples
-    from dragexp.methods.dragondiffusion import DragonDiffusionMethod
+    from dragexp.methods.dragondiffusion.method import DragonDiffusionMethod
 
     s = DragonSamples(1, (64, 64), 0, task="move")[0]
     m = DragonDiffusionMethod(task="move", alg="D+", n_inference_step=6, max_resolution=64,
@@ -426,13 +431,14 @@ def test_built_in_samples_fit_the_latent_patch_copy_at_every_working_size(resolu
     code does); the built-in samples keep their points inside, down to a 64 px working size."""
     from dragexp.data import ProceduralSamples
     from dragexp.data.toybench import ToyBench
-    from dragexp.dragon_regions import as_upload_mask, feature_scale, working_size
+    from dragexp.methods.dragondiffusion.regions import as_upload_mask, feature_scale
 
     samples = [*ProceduralSamples(n=5), *ToyBench(count=30, edits=["translate", "stretch",
                                                                     "rotate"])]
     for s in samples:
         h0, w0 = s.image.shape[:2]
-        H, W, scale = working_size(h0, w0, resolution)
+        H, W = working_size((h0, w0), area=resolution ** 2)
+        scale = W / w0
         regions = process_drag(as_upload_mask(s.mask), s.points, (H, W), scale,
                                feature_scale([1, 2], 2))
         copy_latent_patches(torch.zeros(1, 4, H // 8, W // 8), regions, 2, "error")

@@ -1,11 +1,11 @@
-"""Tests for dragexp.drawing."""
+"""Tests for dragexp.reporting.drawing."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from dragexp.drawing import draw_drag, side_by_side
+from dragexp.reporting.drawing import draw_drag, side_by_side
 
 
 def _image(h, w, seed=0):

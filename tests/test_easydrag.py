@@ -19,13 +19,15 @@ from conftest import CONFORMANCE, conformance_cases, require_shared
 from dragexp.callbacks import AutoMask, AutoMaskError, PointTracking, StopWhenReached
 from dragexp.conformance.__main__ import main as conformance_main
 from dragexp.conformance.judge import judge_key
-from dragexp.losses import consistency_loss, cosine_point_loss, gradient_mask, refine_radius
-from dragexp.methods.easydrag import drag_points, user_mask, working_size
+from dragexp.drag.losses import consistency_loss, cosine_point_loss, gradient_mask, refine_radius
+from dragexp.methods.base import working_size
+from dragexp.methods.easydrag.method import drag_points, user_mask
 from dragexp.modules.drag_optimisation import DragObjective, DragOptimisation, fit_drag
-from dragexp.sampling import ReferenceGuidance, ddim_sample
-from dragexp.schedule import DDIMSchedule
-from dragexp.targets import BottleneckTarget, LatentTarget
-from dragexp.trackers import NextPointTracker, next_point
+from dragexp.core.sampling import ReferenceGuidance, ddim_sample
+from dragexp.core.schedule import DDIMSchedule
+from dragexp.methods.latent_drag.bottleneck import BottleneckTarget
+from dragexp.drag.targets import LatentTarget
+from dragexp.drag.trackers import NextPointTracker, next_point
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -98,9 +100,9 @@ def test_gradient_mask_threshold_is_strict():
 
 
 def test_working_size_points_and_masks():
-    assert working_size((913, 512), 512) == (512, 256)
-    assert working_size((341, 512), 512) == (320, 512)
-    assert working_size((60, 76), 64) == (64, 64)
+    assert working_size((913, 512), long_side=512) == (512, 256)
+    assert working_size((341, 512), long_side=512) == (320, 512)
+    assert working_size((60, 76), long_side=64) == (64, 64)
     h, t = drag_points([[256, 100], [300, 456.2]], (913, 512), (512, 256))
     assert h.tolist() == [[56.0, 128.0]] and t.tolist() == [[256.0, 150.0]]
     h, _ = drag_points([[75.9, 59.9], [0, 0]], (60, 76), (64, 64))      # clamped onto the image
@@ -114,7 +116,7 @@ def test_working_size_points_and_masks():
 # -- reference attention and guidance ---------------------------------------------------------
 
 def test_reference_attention_reads_the_last_batch_element(tiny):
-    from dragexp.attention import reference_attention
+    from dragexp.core.attention import reference_attention
 
     unet = tiny.unet
     g = torch.Generator().manual_seed(1)
@@ -198,7 +200,7 @@ def test_auto_mask_composes_with_any_method_config():
     assert dd.callbacks.tracking.tracker._target_.endswith("NearestFeatureTracker")
     assert ed.callbacks.tracking.tracker._target_.endswith("NextPointTracker")
     assert ed.callbacks.tracking.start_step == 0 and ed.callbacks.stop.threshold == 1.0
-    assert ed.method.reached == 1.0 and ed.callbacks.auto_mask.enabled
+    assert ed.callbacks.tracking.tracker.jump == ed.method.jump and ed.callbacks.auto_mask.enabled
     assert not ed_user.callbacks.auto_mask.enabled
 
 

@@ -1,5 +1,5 @@
 """DragBench evaluation: known answers, the protocol's quirks, the loader on the real data, the
-public conformance cases, and ``scripts/evaluate.py`` end to end (README_dragbench_eval.md)."""
+public conformance cases, and ``scripts/evaluate.py`` end to end (docs/evaluation.md)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,9 +100,9 @@ def test_dragnoise_refuses_top_left_handle_by_default(tmp_path):
     p = train(tmp_path, *QUICK, "logger=none", "method=dragnoise", "data=folder",
               f"data.root={tmp_path / 'edits'}")
     # Its only sample failed, so the run fails, with the sample's message.
-    assert p.returncode != 0 and "tracker_border=clip" in p.stderr
+    assert p.returncode != 0 and "tracker.border=clip" in p.stderr
     errors = json.loads((tmp_path / "run" / "errors.json").read_text())
-    assert "edge" in errors[0]["error"] and "tracker_border=clip" in errors[0]["error"]
+    assert "edge" in errors[0]["error"] and "tracker.border=clip" in errors[0]["error"]
 
 
 def test_dragnoise_clip_switch_and_optimised_feature_ablation(tmp_path):
@@ -113,7 +112,8 @@ def test_dragnoise_clip_switch_and_optimised_feature_ablation(tmp_path):
     write_sample_folder(DragSample("edge", img, [(2, 30), (20, 30)], np.zeros((64, 64), np.uint8),
                                    "x"), tmp_path / "edits" / "edge")
     p = train(tmp_path, *QUICK, "logger=none", "experiment=ablate_optimised_feature",
-              "method.target=choice(bottleneck,feature1)", "method.tracker_border=clip",
+              "method.target=choice(bottleneck,feature1)",
+              "callbacks.tracking.tracker.border=clip",
               "data=folder", f"data.root={tmp_path / 'edits'}", multirun=True)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "run" / "summary.csv").open()))

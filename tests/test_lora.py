@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dragexp.augment import crop_offsets, lora_views, resize_shorter, torch_randint
-from dragexp.lora import (LORA_WEIGHT_NAME, add_lora, load_lora, lora_cache_key, lora_parameters,
-                          lora_state_dict, set_lora_state)
+from dragexp.core.augment import crop_offsets, lora_views, resize_shorter, torch_randint
+from dragexp.core.lora import (LORA_WEIGHT_NAME, add_lora, load_lora, lora_cache_key,
+                               lora_parameters, lora_state_dict, set_lora_state)
 from dragexp.modules import lora_finetune
 from dragexp.modules.lora_finetune import RandomDraws, ReplayDraws, ddpm_add_noise, train_lora
-from dragexp.schedule import SD_SCHEDULER_CONFIG, sd_alphas_cumprod
+from dragexp.core.schedule import SD_SCHEDULER_CONFIG, sd_alphas_cumprod
 
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 CPU = dict(accelerator="cpu", precision="32-true")

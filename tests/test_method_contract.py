@@ -25,6 +25,38 @@ def test_every_method_config_implements_the_contract(name):
     assert isinstance(steps, int) and 0 < steps <= 1000
 
 
+CALLBACKS = sorted(p.stem for p in (CONFIGS / "callbacks").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_has_its_own_drag_callbacks(name):
+    """configs/callbacks/<method>.yaml is chosen by the method's name, and builds."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[f"method={name}"],
+                      return_hydra_config=True)
+    assert cfg.hydra.runtime.choices.callbacks == name
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    latent_loop = "Latent" in cfg.method._target_ or "EasyDrag" in cfg.method._target_
+    assert bool(callbacks) == latent_loop, name
+
+
+@pytest.mark.parametrize("callbacks", CALLBACKS)
+def test_callbacks_configs_own_their_numbers(callbacks):
+    """A callbacks set reads nothing from method.*: it builds beside a method without a loop."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["method=dragondiffusion", f"callbacks={callbacks}"])
+    for c in cfg.callbacks.values():
+        instantiate(c)
+
+
+def test_dragnoise_tracks_with_the_reference_border_and_dragdiffusion_clips():
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        dn = instantiate(compose("train", overrides=["method=dragnoise"]).callbacks.tracking)
+        dd = instantiate(compose("train").callbacks.tracking)
+    assert (dn.tracker.border, dd.tracker.border) == ("reference", "clip")
+    assert dn.tracker.radius == dd.tracker.radius == 3
+
+
 def test_edit_context_defaults_and_freezing():
     ctx = EditContext(callbacks=[1, 2])
     assert ctx.callbacks == (1, 2) and ctx.lora_callbacks == () and ctx.speed is not None

@@ -23,7 +23,8 @@ from dragexp.methods.base import EditContext
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 PAPERS = sorted(p.stem for p in (CONFIGS / "experiment" / "paper").glob("*.yaml"))
-# what the docs promise: one paper experiment per quantitative figure / table named in issue 11
+# what the docs promise: one paper experiment per quantitative figure / table of the four papers
+# (docs/REPRODUCING.md lists them)
 EXPECTED = {
     "dragdiffusion_inversion_step", "dragdiffusion_lora_steps", "dragdiffusion_unet_block",
     "dragdiffusion_components", "dragnoise_initial_timestep", "dragnoise_feature_layer",
@@ -54,7 +55,7 @@ def test_the_issue_figures_have_paper_experiments():
 
 @pytest.mark.parametrize("name", PAPERS)
 def test_paper_experiment_composes_and_every_job_builds(name):
-    from dragexp.paper_plots import FIGURES
+    from dragexp.reporting.paper_plots import FIGURES
 
     base = [f"experiment=paper/{name}"]
     cfg = _compose(*base, hydra_cfg=True)
@@ -133,9 +134,9 @@ def test_dragbench_subset_of_a_paper_experiment():
 
 
 def test_dragnoise_without_propagation_uses_the_bottleneck_at_the_edit_step_only(tiny):
-    from dragexp.features import FeatureTap
-    from dragexp.methods.latent_drag import DenoiseSettings, denoise
-    from dragexp.schedule import DDIMSchedule
+    from dragexp.core.features import FeatureTap
+    from dragexp.methods.latent_drag.method import DenoiseSettings, denoise
+    from dragexp.core.schedule import DDIMSchedule
 
     schedule = DDIMSchedule.sd15(50)
     start = 45
@@ -165,7 +166,7 @@ def test_dragnoise_without_propagation_uses_the_bottleneck_at_the_edit_step_only
 
 
 def test_dragon_inpainting_switch_drops_exactly_the_optional_energy():
-    from dragexp.energy import drag_energies, move_energies
+    from dragexp.methods.dragondiffusion.energy import drag_energies, move_energies
 
     g = torch.Generator().manual_seed(0)
     cur, ref = [torch.randn(1, 3, 8, 8, generator=g)], [torch.randn(1, 3, 8, 8, generator=g)]
@@ -195,7 +196,7 @@ def test_dragon_switches_in_an_edit(tiny):
     """Memory bank off stores and reads nothing; a random z_T is seeded; each switch changes
     the edit (6-step schedule on the 64 px tiny model)."""
     from dragexp.data.dragon_samples import DragonSamples
-    from dragexp.methods.dragondiffusion import DragonDiffusionMethod
+    from dragexp.methods.dragondiffusion.method import DragonDiffusionMethod
 
     s = DragonSamples(1, (64, 64), 0, task="move")[0]
     common = dict(task="move", n_inference_step=6, max_resolution=64, guidance_steps=4,
@@ -219,8 +220,9 @@ def test_dragon_switches_in_an_edit(tiny):
 
 
 def test_feature_replacement_freezes_a_layer_from_a_step_on(tiny):
-    from dragexp.feature_replacement import FeatureReplacementProbe, layer_module, reconstruct
-    from dragexp.schedule import DDIMSchedule
+    from dragexp.analysis.feature_replacement import (FeatureReplacementProbe, layer_module,
+                                                      reconstruct)
+    from dragexp.core.schedule import DDIMSchedule
 
     schedule = DDIMSchedule.sd15(10)
     latent = torch.randn(1, 4, 8, 8)
@@ -263,7 +265,7 @@ def _fake_job(root: Path, k: int, override: str, eval_md: float, loss: list[floa
 
 @pytest.mark.parametrize("figure", ["curve", "scatter", "bars", "steps", "grid"])
 def test_paper_figure_kinds_write_table_and_plot(tmp_path, figure):
-    from dragexp.paper_plots import write_paper_figure
+    from dragexp.reporting.paper_plots import write_paper_figure
 
     _fake_job(tmp_path, 0, "method.inversion_strength=0.6", 30.0, [3.0, 2.0])
     _fake_job(tmp_path, 1, "method.inversion_strength=0.8", 40.0, [3.0])
@@ -282,7 +284,7 @@ def test_paper_figure_kinds_write_table_and_plot(tmp_path, figure):
 
 
 def test_paper_categories_table_puts_published_numbers_beside(tmp_path):
-    from dragexp.paper_plots import write_paper_figure
+    from dragexp.reporting.paper_plots import write_paper_figure
 
     ev = tmp_path / "evaluation"
     ev.mkdir()

@@ -3,7 +3,7 @@
 import torch
 from diffusers import DDIMScheduler
 
-from dragexp.schedule import SD_SCHEDULER_CONFIG, DDIMSchedule, ddim_step, inversion_step
+from dragexp.core.schedule import SD_SCHEDULER_CONFIG, DDIMSchedule, ddim_step, inversion_step
 
 
 def test_timesteps_and_edit_step():

@@ -1,12 +1,10 @@
-"""The fast path (dragexp.speed) computes the same edits as the faithful one; the profiler and
+"""The fast path (dragexp.performance.speed) computes the same edits as the faithful one; the profiler and
 the benchmark count what they claim to count."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +12,16 @@ import pytest
 import torch
 
 from dragexp.callbacks import PointTracking, StopWhenReached
-from dragexp.features import concat_then_resize
-from dragexp.lora import add_lora, lora_state_dict
+from dragexp.core.features import concat_then_resize
+from dragexp.core.lora import add_lora, lora_state_dict
 from dragexp.methods.base import EditContext
 from dragexp.modules.drag_optimisation import (CosineDragObjective, DragObjective,
                                                DragOptimisation, fit_drag)
 from dragexp.modules.lora_finetune import LoRAFineTune, RandomDraws, ReplayDraws, fit_lora
-from dragexp.schedule import DDIMSchedule
-from dragexp.speed import SpeedSettings, apply_to_models
-from dragexp.targets import LatentTarget, ReferenceLatentTarget
+from dragexp.core.schedule import DDIMSchedule
+from dragexp.performance.speed import SpeedSettings, apply_to_models
+from dragexp.drag.targets import LatentTarget
+from dragexp.methods.easydrag.reference import ReferenceLatentTarget
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = dict(accelerator="cpu")
@@ -56,13 +55,13 @@ def test_cached_reference_equals_the_batch_of_two(tiny):
     assert target.reference_kv and calls.batches == [1]
     param = (z + 0.05 * torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
              ).requires_grad_()
-    cached = target.forward(module, param)
-    eps_b, feats_b = target.batch_forward(module, param)
+    cached = target.forward(module.problem, param)
+    eps_b, feats_b = target.batch_forward(module.problem, param)
     calls.handle.remove()
     assert calls.batches == [1, 1, 2]
     # batch 1 and batch 2 convolutions round differently (~1e-5); plain attention is far off
     assert (cached[0] - eps_b[:1]).abs().max() < 1e-4
-    assert (cached[0] - target._run(module, param)[0]).abs().max() > 1e-3
+    assert (cached[0] - target._run(module.problem, param)[0]).abs().max() > 1e-3
     for a, b in zip(cached[1], feats_b):
         assert (a - b[:1]).abs().max() < 1e-4
     g_cached, = torch.autograd.grad(cached[1][0].square().sum(), param)
@@ -135,7 +134,7 @@ def test_prefetched_lora_steps_equal_the_faithful_ones(tiny, shape):
 
 def test_fused_optimizer_steps_equal_the_per_tensor_ones_in_a_few_launches(tiny):
     """speed.fused_optimizer: the LoRA's AdamW in one kernel gives the per-tensor loop's LoRA."""
-    from dragexp.profiling import count_flops
+    from dragexp.performance.profiling import count_flops
 
     emb = tiny.encode_prompt("a cat")
     finals, launches = {}, {}
@@ -166,7 +165,7 @@ def test_prefetch_refuses_replayed_draws(tiny):
 def test_single_branch_denoising_equals_the_edited_branch(tiny):
     """Without reference control (DragNoise) the reference branch never reaches the edited
     one, so denoising the edited latent alone gives the same result."""
-    from dragexp.methods.latent_drag import DenoiseSettings, denoise
+    from dragexp.methods.latent_drag.method import DenoiseSettings, denoise
 
     z, text = _problem(tiny, 2)
     edited = z + 0.1
@@ -208,7 +207,7 @@ def test_configs_speed_compose():
 # -- profiling ---------------------------------------------------------------------------------
 
 def test_flop_sum_counts_convolutions_matmuls_and_cpu_attention():
-    from dragexp.profiling import count_flops
+    from dragexp.performance.profiling import count_flops
 
     x = torch.randn(1, 3, 8, 8, requires_grad=True)
     w = torch.randn(5, 3, 3, 3)
@@ -227,10 +226,10 @@ def test_flop_sum_counts_convolutions_matmuls_and_cpu_attention():
 def test_flop_sum_agrees_with_torch_flop_counter_on_a_unet_step(tiny):
     """FlopSum evaluates the formulas its own, cheaper way; over a UNet forward and backward
     (linear layers, convolutions, attention and their gradients) it sums what PyTorch's
-    FlopCounterMode sums (with the CPU attention formulas dragexp.profiling registers)."""
+    FlopCounterMode sums (with the CPU attention formulas dragexp.performance.profiling registers)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dragexp.profiling import count_flops
+    from dragexp.performance.profiling import count_flops
 
     z, text = _problem(tiny)
     z = z.expand(2, -1, -1, -1).clone().requires_grad_()
@@ -243,8 +242,8 @@ def test_flop_sum_agrees_with_torch_flop_counter_on_a_unet_step(tiny):
 
 
 def test_stage_probe_sees_every_timed_stage():
-    from dragexp.profiling import StageProbe
-    from dragexp.stages import StageTimer, observe_stages
+    from dragexp.performance.profiling import StageProbe
+    from dragexp.core.stages import StageTimer, observe_stages
 
     timer, probe = StageTimer(), StageProbe(count=True)
     with observe_stages(probe):
@@ -259,7 +258,7 @@ def test_stage_probe_sees_every_timed_stage():
 
 
 def test_flop_sum_counts_kernel_launches_not_views():
-    from dragexp.profiling import count_flops
+    from dragexp.performance.profiling import count_flops
 
     x = torch.randn(4, 6)
     with count_flops() as c:
@@ -272,8 +271,8 @@ def test_flop_sum_counts_kernel_launches_not_views():
 def test_merged_lora_computes_the_adapter_with_the_launches_of_a_plain_unet(tiny):
     """speed.merge_lora: the folded weights give the adapter's output with the kernel launches
     of the UNet without adapter, and leave the base weights and the adapter as they were."""
-    from dragexp.lora import lora_parameters, merged_lora
-    from dragexp.profiling import count_flops
+    from dragexp.core.lora import lora_parameters, merged_lora
+    from dragexp.performance.profiling import count_flops
 
     models = copy.deepcopy(tiny)
     unet = models.unet
@@ -308,10 +307,8 @@ def test_merged_lora_computes_the_adapter_with_the_launches_of_a_plain_unet(tiny
 
 
 def _bench_script():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = bench
-    spec.loader.exec_module(bench)
+    from dragexp.performance import bench
+
     return bench
 
 
@@ -374,7 +371,7 @@ def test_bench_script_writes_its_table(tmp_path, capsys):
 
 def test_batched_reference_guidance_equals_the_two_calls(tiny):
     """EasyDrag's guided step: one call on [x, x, ref] gives what [x, ref] and x give apart."""
-    from dragexp.sampling import ReferenceAttentionUNet, ReferenceGuidance
+    from dragexp.core.sampling import ReferenceAttentionUNet, ReferenceGuidance
 
     g = torch.Generator().manual_seed(4)
     latents = [torch.randn(1, 4, 8, 8, generator=g) for _ in range(51)]
@@ -397,7 +394,7 @@ def test_batched_reference_guidance_equals_the_two_calls(tiny):
 
 
 def _guidance_problem(tiny):
-    from dragexp.energy import DecoderFeatureEstimator
+    from dragexp.methods.dragondiffusion.energy import DecoderFeatureEstimator
 
     g = torch.Generator().manual_seed(3)
     est = DecoderFeatureEstimator(tiny.unet, tiny.encode_prompt("a photo"), [1, 2])
@@ -417,8 +414,8 @@ def test_dragon_batched_guidance_equals_the_three_calls(tiny):
     """speed.batch_guidance for DragonDiffusion: one estimator call on [x, x, ref] and one
     backward give the authors' two gradients (three calls, two backward passes), in far
     fewer launches."""
-    from dragexp.energy import ReferenceLatents, guidance_drag
-    from dragexp.profiling import count_flops
+    from dragexp.methods.dragondiffusion.energy import ReferenceLatents, guidance_drag
+    from dragexp.performance.profiling import count_flops
 
     est, x, inv, args = _guidance_problem(tiny)
     with count_flops() as c1:
@@ -439,7 +436,7 @@ def test_dragon_batched_guidance_equals_the_three_calls(tiny):
 @pytest.mark.parametrize("task", ["drag", "move", "paste"])
 def test_dragon_batched_guidance_edit_matches_the_faithful_one(tiny, task):
     from dragexp.data.dragon_samples import DragonSamples
-    from dragexp.methods.dragondiffusion import DragonDiffusionMethod
+    from dragexp.methods.dragondiffusion.method import DragonDiffusionMethod
 
     s = DragonSamples(1, (64, 64), 0, task=task)[0]
     images = []

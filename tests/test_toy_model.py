@@ -79,7 +79,7 @@ def test_default_run_scores_its_edits_against_the_truth(default_run):
 @pytest.mark.xfail(strict=True, reason=(
     "the committed toy model (one hour of 2-core CPU training) reconstructs at 24 dB but does not "
     "yet move objects: its DragDiffusion edits end about as far from the truth as the source "
-    "(issue 18 stays open); strict, so a model that passes makes this fail until it is removed"))
+    "(still an open problem); strict, so a model that passes makes this fail until it is removed"))
 def test_default_dragdiffusion_edit_moves_the_object(default_run):
     """The object in the output image is much nearer its true place than in the source."""
     p, run = default_run

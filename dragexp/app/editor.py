@@ -3,7 +3,7 @@
 Everything an edit needs comes from the same Hydra config as ``scripts/train.py``
 (``configs/train.yaml`` composed with the command-line overrides, plus the method and parameters
 picked in the UI) and goes through the same helpers of :mod:`dragexp.experiment` and the same
-``method.edit`` call as a training job; results are written by :func:`dragexp.results.write_result`.
+``method.edit`` call as a training job; results are written by :func:`dragexp.reporting.results.write_result`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 
-from ..data import DragSample, SampleError, ToyBench, validate_sample
+from ..data import DragSample, ToyBench, validate_sample
 from ..experiment import build_drag_callbacks, load_models, pick_device, resolve_precision
 from ..methods.base import EditContext
-from ..speed import SpeedSettings, apply_to_models
-from ..results import write_result
+from ..performance.speed import SpeedSettings, apply_to_models
+from ..reporting.results import write_result
 from .progress import EditProgress
 
 __all__ = ["CONFIG_DIR", "PARAMS", "Editor", "EditOutcome", "InputError", "check_page_overrides",

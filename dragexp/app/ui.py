@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from ..data import SampleError  # noqa: E402
-from ..drawing import HANDLE_COLOR, OUTLINE_COLOR, draw_drag  # noqa: E402
-from ..trackers import BorderError  # noqa: E402
+from ..drag.trackers import BorderError  # noqa: E402
+from ..reporting.drawing import HANDLE_COLOR, OUTLINE_COLOR, draw_drag  # noqa: E402
 from .editor import PARAMS, Editor, InputError, check_points, fit_image  # noqa: E402
 
 __all__ = ["build_ui", "launch"]

@@ -5,7 +5,8 @@ README's one rule, LPIPS from ``lpips.safetensors``, CLIP from ``clip.safetensor
 stored noise (int8 ``q``, value ``q / 32``) and the stored prompt embeddings, and call the
 evaluation's own functions (:func:`dragexp.evaluation.metrics.score_sample`,
 :func:`~dragexp.evaluation.metrics.aggregate`, :func:`~dragexp.evaluation.dift.dift_features`,
-:func:`~dragexp.evaluation.matching.upsample`). See README_dragbench_eval.md.
+:func:`~dragexp.evaluation.matching.upsample`). See docs/evaluation.md; the case format is in
+../shared/conformance/README_dragbench_eval.md, beside the case folders.
 """
 
 from __future__ import annotations

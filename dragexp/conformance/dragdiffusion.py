@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 
 from dragexp.callbacks.drag import DragCallback, PointTracking, StopWhenReached, TrajectoryRecorder
-from dragexp.features import FeatureTap
-from dragexp.methods.latent_drag import (DenoiseSettings, denoise, invert, supervision_mask,
-                                         supervision_points)
 from dragexp.modules.drag_optimisation import DragObjective, DragOptimisation, fit_drag
-from dragexp.schedule import DDIMSchedule
-from dragexp.targets import LatentTarget
-from dragexp.trackers import NearestFeatureTracker
 
+from ..core.features import FeatureTap
+from ..core.schedule import DDIMSchedule
+from ..drag.targets import LatentTarget
+from ..drag.trackers import NearestFeatureTracker
+from ..methods.latent_drag.method import (DenoiseSettings, denoise, invert, supervision_mask,
+                                          supervision_points)
 from .case import Case
 from .registry import adapter
 
@@ -88,7 +88,7 @@ def run_latent_loop(case: Case, target, objective: DragObjective, tracker_border
                               case.param("unet_feature_idx"), objective,
                               float(case.param("lr")), int(case.param("n_pix_step")))
     fit_drag(module, callbacks, precision="32-true", accelerator="cpu", progress=False)
-    edited, bottleneck = target.outcome(module)
+    edited, bottleneck = module.outcome()
 
     denoised = [torch.cat([z_t, edited])]
     injected: list[int] = []
@@ -191,7 +191,7 @@ def dragdiffusion_masactrl_cfg(case: Case) -> dict[str, torch.Tensor]:
 
 
 def _dragnoise(case: Case) -> dict[str, torch.Tensor]:
-    from dragexp.targets import BottleneckTarget
+    from ..methods.latent_drag.bottleneck import BottleneckTarget
 
     settings = DenoiseSettings(reference_control=False, end_step=int(case.param("end_step")))
     objective = DragObjective(int(case.param("r_m")), float(case.param("lam")), "always")

@@ -1,30 +1,46 @@
-"""Adapters for the DragonDiffusion / DiffEditor cases (README_easydrag_dragondiffusion.md).
+"""Adapters for the DragonDiffusion / DiffEditor cases (docs/methods.md, DragonDiffusion).
 
 Each adapter builds what the case describes (the tiny UNet with its image-prompt keys, or the
 synthetic estimator / generator) and calls the functions :mod:`dragexp.methods.dragondiffusion`
-calls for a real edit: :func:`~dragexp.dragon_regions.process_drag` /
-:func:`~dragexp.dragon_regions.process_move`, :func:`~dragexp.energy.guidance_drag` /
-:func:`~dragexp.energy.guidance_move`, :func:`~dragexp.methods.dragondiffusion.run_drag`.
+calls for a real edit: :func:`~dragexp.methods.dragondiffusion.regions.process_drag` /
+:func:`~dragexp.methods.dragondiffusion.regions.process_move`, :func:`~dragexp.methods.dragondiffusion.energy.guidance_drag` /
+:func:`~dragexp.methods.dragondiffusion.energy.guidance_move`, :func:`~dragexp.methods.dragondiffusion.method.run_drag`.
 Energy scales are absolute in the function cases and UI values (x 1e3) in the loop cases, as the
-cases' parameters say.
+cases' parameters say. The case format is described in
+../shared/conformance/README_easydrag_dragondiffusion.md, beside the case folders.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from dragexp.dragon_regions import (copy_latent_patches, feature_scale, process_drag, process_move,
-                                    working_size)
-from dragexp.dragon_sampling import DragonSchedule, DragonTrace
-from dragexp.energy import ConvStubEstimator, DecoderFeatureEstimator, guidance_drag, guidance_move
-from dragexp.image_prompt import ImagePromptAdapter, dragon_attention
-from dragexp.memory_bank import DragonAttentionControl, MemoryBank, decoder_self_attention_layers
-from dragexp.methods.dragondiffusion import DragonParams, run_drag
-from dragexp.schedule import DDIMSchedule
-
+from ..core.schedule import DDIMSchedule
+from ..methods.base import working_size
+from ..methods.dragondiffusion.energy import DecoderFeatureEstimator, guidance_drag, guidance_move
+from ..methods.dragondiffusion.image_prompt import ImagePromptAdapter, dragon_attention
+from ..methods.dragondiffusion.memory_bank import (DragonAttentionControl, MemoryBank,
+                                                   decoder_self_attention_layers)
+from ..methods.dragondiffusion.method import DragonParams, DragonRun, run_drag
+from ..methods.dragondiffusion.regions import (copy_latent_patches, feature_scale, process_drag,
+                                               process_move)
+from ..methods.dragondiffusion.sampling import DragonSchedule, DragonTrace
 from .case import Case
 from .registry import adapter
+
+
+class ConvStubEstimator:
+    """The conformance cases' synthetic estimator: ``[tanh(conv(avg_pool2(x), Wa, ba)),
+    tanh(conv(x, Wb, bb))]`` (stands for ``up_blocks[1]``, ``up_blocks[2]``)."""
+
+    def __init__(self, Wa, ba, Wb, bb):
+        self.Wa, self.ba, self.Wb, self.bb = Wa, ba, Wb, bb
+
+    def __call__(self, latent: torch.Tensor, t=None) -> list[torch.Tensor]:
+        a = torch.tanh(F.conv2d(F.avg_pool2d(latent, 2), self.Wa, self.ba, padding=1))
+        b = torch.tanh(F.conv2d(latent, self.Wb, self.bb, padding=1))
+        return [a, b]
 
 
 def _stub_estimator(case: Case) -> ConvStubEstimator:
@@ -58,7 +74,8 @@ def _params(case: Case, energy_ui: bool) -> DragonParams:
 def fn_process_drag(case: Case) -> dict[str, torch.Tensor]:
     mask = case.inputs["mask_orig"]
     h0, w0 = mask.shape[-2:]
-    H, W, input_scale = working_size(int(h0), int(w0), area=float(case.param("max_resolution_sq")))
+    H, W = working_size((int(h0), int(w0)), area=float(case.param("max_resolution_sq")))
+    input_scale = W / int(w0)
     up_scale = int(case.param("up_scale", 2))
     scale = float(case.param("scale", feature_scale((1, 2), up_scale)))
     regions = process_drag(_upload(mask), case.inputs["points_xy"].tolist(), (H, W), input_scale, scale)
@@ -182,11 +199,12 @@ def _run_drag_case(case: Case, unet, estimator, controller, keep_raw=()):
     trace = DragonTrace(keep_raw_at=tuple(keep_raw))
     emb_im, emb_un = i.get("emb_im"), i.get("emb_im_uncond")
     torch.manual_seed(int(case.param("seed", 0)))
-    res = run_drag(unet, i["x0"].float(), i["cond_emb"].float(), i["uncond_emb"].float(),
-                   i["points_xy"].tolist(), mask, (H, W), float(case.param("input_scale", 1.0)),
-                   params, estimator, schedule, controller,
-                   None if emb_im is None else emb_im.float(),
-                   None if emb_un is None else emb_un.float(), trace=trace)
+    run = DragonRun(unet, i["cond_emb"].float(),
+                    i["uncond_emb"].float(), params, estimator, schedule, controller,
+                    None if emb_im is None else emb_im.float(),
+                    None if emb_un is None else emb_un.float(), trace=trace)
+    res = run_drag(run, i["x0"].float(), i["points_xy"].tolist(), mask, (H, W),
+                   float(case.param("input_scale", 1.0)))
     res["inversion_before_copy"] = res["inversion"][:-1] + [res["z_T"]]
     res["latent_in"] = res["inversion"][-1].clone()
     return res, trace

@@ -1,11 +1,12 @@
-"""Adapters for the EasyDrag cases (README_easydrag_dragondiffusion.md, NOTES items 1-16).
+"""Adapters for the EasyDrag cases (docs/methods.md, EasyDrag 1-16).
 
 Each adapter builds what the case describes (the tiny UNet, or the small synthetic model of a
 function case) and calls the functions :mod:`dragexp.methods.easydrag` calls: the point
 conversion, the full inversion, the shared drag optimisation with EasyDrag's target, loss and
 callbacks (a real Trainer), and the reference-guided sampling. A synthetic feature model plugs
-into :class:`~dragexp.targets.ReferenceLatentTarget` as its ``forward_fn``; a synthetic noise
-model replaces the UNet in the inversion and the sampler.
+into :class:`~dragexp.drag.targets.ReferenceLatentTarget` as its ``forward_fn``; a synthetic noise
+model replaces the UNet in the inversion and the sampler. The case format is described in
+../shared/conformance/README_easydrag_dragondiffusion.md, beside the case folders.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from torch import nn
 
 from dragexp.callbacks import AutoMask, PointTracking, StopWhenReached, TrajectoryRecorder
 from dragexp.callbacks.drag import DragCallback
-from dragexp.features import concat_at_finest
-from dragexp.losses import all_reached, gradient_mask, refine_radius
-from dragexp.methods.easydrag import (drag_module, drag_points, invert_all,
-                                      sample_with_reference, user_mask)
 from dragexp.modules.drag_optimisation import CosineDragObjective, fit_drag
-from dragexp.sampling import NoisePredictor, ReferenceAttentionUNet
-from dragexp.schedule import DDIMSchedule
-from dragexp.trackers import NextPointTracker, handles_moved, next_point
 
+from ..core.features import concat_at_finest
+from ..core.sampling import NoisePredictor, ReferenceAttentionUNet
+from ..core.schedule import DDIMSchedule
+from ..drag.losses import all_reached, gradient_mask, refine_radius
+from ..drag.trackers import NextPointTracker, handles_moved, next_point
+from ..methods.easydrag.method import (drag_module, drag_points, invert_all, sample_with_reference,
+                                       user_mask)
 from .case import Case, CaseError
 from .registry import adapter
 
@@ -265,8 +266,8 @@ def loop_pipeline(case: Case) -> dict[str, torch.Tensor]:
                                                  mask, schedule, feature_idx)
     target = module.target
     with torch.no_grad():
-        _, f0 = target.initial_forward(module, z_t)
-        eps2, f2 = target.batch_forward(module, z_t)
+        _, f0 = target.initial_forward(module.problem, z_t)
+        eps2, f2 = target.batch_forward(module.problem, z_t)
     final, gen = _gen(ReferenceAttentionUNet(unet), module.result, cond, uncond, schedule, start,
                       latents, case)
     out = _drag_traces(module, recorder, trace, mask_cb, prefix="drag_")

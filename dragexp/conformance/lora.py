@@ -3,8 +3,9 @@
 Both run the project's own code: :class:`dragexp.modules.lora_finetune.LoRAFineTune` fitted by a
 real Lightning Trainer (with the case's draws replayed through
 :class:`~dragexp.modules.lora_finetune.ReplayDraws` and a recording callback), and
-:func:`dragexp.augment.lora_views`. See README_dragdiffusion_dragnoise.md ("LoRA training, LoRA
-augmentation") and NOTES_dragdiffusion_dragnoise.md section 6.
+:func:`dragexp.core.augment.lora_views`. See docs/methods.md, DragDiffusion 1;
+the case format is in ../shared/conformance/README_dragdiffusion_dragnoise.md ("LoRA training,
+LoRA augmentation"), beside the case folders.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..augment import lora_views, resize_shorter
-from ..lora import add_lora, lora_named_parameters, set_lora_state
+from ..core.augment import lora_views, resize_shorter
+from ..core.lora import add_lora, lora_named_parameters, set_lora_state
 from ..modules.lora_finetune import LoRAFineTune, ReplayDraws, fit_lora
 from .case import Case, CaseError
 from .registry import adapter

@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .sample import DragSample, SampleError, SampleSource, validate_sample
+from .sample import DragSample, SampleError, SampleSource, checked_limit, validate_sample
 
 __all__ = ["FolderSamples", "write_sample_folder"]
 
@@ -109,9 +109,7 @@ class FolderSamples(SampleSource):
         else:
             selected = available
         if limit is not None:
-            if int(limit) < 0:
-                raise ValueError(f"FolderSamples: limit must be >= 0, got {limit!r}")
-            selected = selected[: int(limit)]
+            selected = selected[: checked_limit("FolderSamples", limit)]
         self.names = selected
         self.drop_mask = bool(drop_mask)
 

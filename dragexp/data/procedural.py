@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .sample import DragSample, SampleSource, validate_sample
+from .sample import DragSample, SampleSource, checked_count, checked_size, validate_sample
 
 __all__ = ["ProceduralSamples"]
 
@@ -90,18 +90,8 @@ class ProceduralSamples(SampleSource):
 
     def __init__(self, n: int = 2, size: tuple[int, int] = (128, 128), seed: int = 0,
                  limit: int | None = None, drop_mask: bool = False):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"ProceduralSamples: n must be an integer >= 0, got {n!r}")
-        try:
-            h, w = (int(v) for v in size)
-        except (TypeError, ValueError):
-            raise ValueError(f"ProceduralSamples: size must be (H, W), got {size!r}") from None
-        if h < 16 or w < 16:
-            raise ValueError(f"ProceduralSamples: size must be at least (16, 16), got {size!r}")
-        if limit is not None and int(limit) < 0:
-            raise ValueError(f"ProceduralSamples: limit must be >= 0, got {limit!r}")
-        if limit is not None:
-            n = min(int(n), int(limit))
+        n = checked_count("ProceduralSamples", "n", n, limit)
+        h, w = checked_size("ProceduralSamples", "size", size, 16)
         self.n, self.size, self.seed = int(n), (h, w), int(seed)
         self.names = [self._name(i) for i in range(self.n)]
         self.drop_mask = bool(drop_mask)

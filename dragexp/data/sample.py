@@ -239,6 +239,35 @@ def validate_sample(s: DragSample) -> DragSample:
     )
 
 
+def checked_count(owner: str, key: str, count, limit=None) -> int:
+    """How many samples a generated source hands out: ``count``, at most ``limit``.
+
+    ``owner`` and ``key`` name the source and the parameter in the error (e.g. ``ToyBench``,
+    ``data.count``); ``limit`` is ``data.limit`` (None: no limit).
+    """
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise ValueError(f"{owner}: {key} must be an integer >= 0, got {count!r}")
+    return int(count) if limit is None else min(int(count), checked_limit(owner, limit))
+
+
+def checked_limit(owner: str, limit) -> int:
+    """``data.limit`` as an int, refused when negative."""
+    if int(limit) < 0:
+        raise ValueError(f"{owner}: limit must be >= 0, got {limit!r}")
+    return int(limit)
+
+
+def checked_size(owner: str, key: str, size, minimum: int) -> tuple[int, int]:
+    """An image size ``(H, W)`` of at least ``minimum`` on each side."""
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}: {key} must be (H, W), got {size!r}") from None
+    if h < minimum or w < minimum:
+        raise ValueError(f"{owner}: {key} must be at least ({minimum}, {minimum}), got {size!r}")
+    return h, w
+
+
 class SampleSource(Sequence):
     """Base of the lazy sample collections: ``len``, indexing (loads and validates one sample),
     iteration, :attr:`names` (known without loading) and :meth:`iter_checked`.

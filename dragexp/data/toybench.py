@@ -27,9 +27,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from .sample import DragSample, SampleSource, validate_sample
-from .toyworld import (COLOURS, Scene, ToyObject, caption, random_background, random_object,
-                       render, render_object)
+from .sample import DragSample, SampleSource, checked_count, checked_size, validate_sample
+from .toyworld import (COLOURS, Scene, ToyObject, caption, random_background, random_object, render,
+                       render_object)
 
 __all__ = ["ToyBench", "EDITS"]
 
@@ -67,23 +67,14 @@ class ToyBench(SampleSource):
     def __init__(self, count: int = 20, seed: int = 0, size: tuple[int, int] = (128, 128),
                  edits: tuple[str, ...] | list[str] = ("translate",), max_objects: int = 3,
                  limit: int | None = None, drop_mask: bool = False):
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-            raise ValueError(f"ToyBench: data.count must be an integer >= 0, got {count!r}")
-        try:
-            h, w = (int(v) for v in size)
-        except (TypeError, ValueError):
-            raise ValueError(f"ToyBench: data.size must be (H, W), got {size!r}") from None
-        if h < 32 or w < 32:
-            raise ValueError(f"ToyBench: data.size must be at least (32, 32), got {size!r}")
+        n = checked_count("ToyBench", "data.count", count, limit)
+        h, w = checked_size("ToyBench", "data.size", size, 32)
         edits = tuple(str(e) for e in (edits if not isinstance(edits, str) else [edits]))
         bad = [e for e in edits if e not in EDITS]
         if not edits or bad:
             raise ValueError(f"ToyBench: data.edits={list(edits)!r}: each must be one of {EDITS}")
         if int(max_objects) < 1:
             raise ValueError(f"ToyBench: data.max_objects must be >= 1, got {max_objects!r}")
-        if limit is not None and int(limit) < 0:
-            raise ValueError(f"ToyBench: data.limit must be >= 0, got {limit!r}")
-        n = int(count) if limit is None else min(int(count), int(limit))
         self.count, self.seed, self.size, self.edits = n, int(seed), (h, w), edits
         self.max_objects, self.drop_mask = int(max_objects), bool(drop_mask)
         self.names = [f"{i:03d}_{edits[i % len(edits)]}" for i in range(n)]

@@ -1,7 +1,7 @@
 """DragBench evaluation: Mean Distance (DIFT), Image Fidelity (LPIPS), CLIP similarity.
 
 The arithmetic follows the DragDiffusion authors' ``drag_bench_evaluation`` scripts step by
-step (../shared/conformance/README_dragbench_eval.md) and is implemented once:
+step (docs/evaluation.md) and is implemented once:
 
 - :mod:`.resize`: the PIL-bilinear resize of the edit to the source size, [-1, 1] scaling;
 - :mod:`.dift`: DIFT features (SD 2.1, t=261, ``up_blocks[1]``, ensemble 8, sampled VAE

@@ -1,4 +1,4 @@
-"""CLIP image-image similarity (README_dragbench_eval.md section 1.2, second bullet).
+"""CLIP image-image similarity (docs/evaluation.md section 4).
 
 The reference loads OpenAI's ``clip.load("ViT-B/32")`` and, for the source PIL image and the
 *resized* edited PIL image, applies CLIP's own preprocessing (``Resize(224, BICUBIC)`` of the

@@ -1,6 +1,6 @@
 """DIFT features (Tang et al. 2023) as DragBench's Mean Distance computes them.
 
-README_dragbench_eval.md section 1.1 step 3 (``SDFeaturizer.forward(img, prompt, t=261,
+docs/evaluation.md section 2, step 3 (``SDFeaturizer.forward(img, prompt, t=261,
 up_ft_index=1, ensemble_size=8)``):
 
 1. the image (``[1, 3, H, W]`` in [-1, 1], the image's own size) is repeated into a batch of
@@ -34,10 +34,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..features import feature_module
+from ..core.features import feature_module
+from ..core.schedule import sd_alphas_cumprod
 from ..models.bundle import ModelBundle
 from ..models.tiny import sd_vae_config
-from ..schedule import sd_alphas_cumprod
 from .resize import to_signed_unit
 
 __all__ = [
@@ -104,7 +104,7 @@ def dift_features(models: ModelBundle, image: torch.Tensor, prompt_embeds: torch
                   noise: NoiseSource, t: int = 261, up_ft_index: int = 1, ensemble_size: int = 8,
                   alphas_cumprod: torch.Tensor | None = None,
                   record: dict | None = None) -> torch.Tensor:
-    """The DIFT feature map of one image (README_dragbench_eval.md section 1.1 step 3).
+    """The DIFT feature map of one image (docs/evaluation.md section 2, step 3).
 
     Args:
         models: UNet + VAE (the text encoder is not used here).

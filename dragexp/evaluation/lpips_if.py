@@ -1,4 +1,4 @@
-"""LPIPS and Image Fidelity (README_dragbench_eval.md section 1.2, first bullet).
+"""LPIPS and Image Fidelity (docs/evaluation.md section 3).
 
 ``IF = 1 - mean LPIPS`` over samples. LPIPS is the lpips package's v0.1 AlexNet metric on the
 source and the *resized* edited image, each scaled to [-1, 1] by ``x / 127.5 - 1`` and squashed

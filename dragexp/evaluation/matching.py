@@ -1,4 +1,4 @@
-"""Point matching and Mean Distance (README_dragbench_eval.md section 1.1 steps 1 and 4-7).
+"""Point matching and Mean Distance (docs/evaluation.md section 2, steps 1 and 4-7).
 
 For each handle, the source feature vector at the handle pixel is compared by cosine similarity
 with every pixel of the edited image's feature map, both maps bilinearly upsampled to the

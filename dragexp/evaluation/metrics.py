@@ -4,7 +4,7 @@
 (:mod:`dragexp.conformance.dragbench_eval`) both call :func:`score_sample` and
 :func:`aggregate`; nothing else computes MD, LPIPS / IF or CLIP similarity.
 
-Randomness (README_dragbench_eval.md section 1.3, "Randomness"). Each DIFT call draws two
+Randomness (docs/evaluation.md section 5, "Randomness"). Each DIFT call draws two
 standard-normal tensors. The authors seeded the global RNG once per results folder and let the
 draws run on, so an image's noise depended on every image before it and on ``os.listdir``
 order. Here, by default (``noise="per_sample"``), every call has its own generator seeded by
@@ -50,7 +50,7 @@ def sample_seed(base_seed: int, name: str, role: str) -> int:
 
 @dataclass
 class SampleScore:
-    """The scores of one edited sample (README_dragbench_eval.md sections 1.1-1.2).
+    """The scores of one edited sample (docs/evaluation.md sections 2-4).
 
     Attributes:
         dist: float32 ``(K,)`` distance of each pair, source pixels (NaN-free).
@@ -99,7 +99,7 @@ def score_sample(source: np.ndarray, edited: np.ndarray, points_xy, prompt,
                  featurizer=None, lpips_net=None, clip_model=None, *, source_noise=None,
                  edited_noise=None, source_ft: torch.Tensor | None = None, name: str = "",
                  category: str = "", keep: bool = False) -> SampleScore:
-    """Score one edit as the reference scripts do (README_dragbench_eval.md section 1).
+    """Score one edit as the reference scripts do (docs/evaluation.md sections 1-4).
 
     Args:
         source: ``uint8 (H, W, 3)`` source image.
@@ -146,25 +146,29 @@ def score_sample(source: np.ndarray, edited: np.ndarray, points_xy, prompt,
         extra["ft_source"] = ft_s  # callers may cache it (cheap: 1/16 resolution)
         if keep:
             extra["ft_edited"] = ft_e
-    lp = nan
+    lp = cs = nan
     if lpips_net is not None:
-        t1 = time.perf_counter()
-        rec = {} if keep else None
-        lp = lpips_distance(lpips_net, source, edited_r, rec)
-        seconds["lpips"] = time.perf_counter() - t1
+        lp, rec = _timed_metric(lpips_distance, lpips_net, source, edited_r, seconds, "lpips",
+                                keep)
         if keep:
             extra["lpips_input_source"], extra["lpips_input_edited"] = rec["source"], rec["edited"]
-    cs = nan
     if clip_model is not None:
-        t1 = time.perf_counter()
-        rec = {} if keep else None
-        cs = clip_similarity(clip_model, source, edited_r, rec)
-        seconds["clip"] = time.perf_counter() - t1
+        cs, rec = _timed_metric(clip_similarity, clip_model, source, edited_r, seconds, "clip",
+                                keep)
         if keep:
             extra.update({f"clip_{k}": v for k, v in rec.items()})
     seconds["total"] = time.perf_counter() - t0
     return SampleScore(name=name, category=category, dist=dist.float(), matches=matches,
                        lpips=lp, clip_sim=cs, seconds=seconds, extra=extra)
+
+
+def _timed_metric(metric, net, source, edited, seconds: dict, key: str, keep: bool):
+    """``metric(net, source, edited, record)`` timed into ``seconds[key]``: (value, record)."""
+    record = {} if keep else None
+    t0 = time.perf_counter()
+    value = metric(net, source, edited, record)
+    seconds[key] = time.perf_counter() - t0
+    return value, record
 
 
 def aggregate(scores: list[SampleScore]) -> dict:

@@ -13,10 +13,10 @@ import math
 import numpy as np
 import torch
 
+from ..core.inversion import ddim_invert
+from ..core.sampling import NoisePredictor, ddim_sample
+from ..core.schedule import DDIMSchedule
 from ..data.sample import DragSample
-from ..inversion import ddim_invert
-from ..sampling import NoisePredictor, ddim_sample
-from ..schedule import DDIMSchedule
 
 __all__ = ["reconstruct", "reconstruction_psnr"]
 

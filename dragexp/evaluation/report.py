@@ -12,9 +12,9 @@ Files written to the report folder:
 - ``md_if_scatter.png`` (every evaluated folder) and ``per_category.png`` (MD and IF bars per
   category, one bar per folder).
 
-Every row names the protocol that produced it (``protocol`` column, spec/EVALUATION.md: "report
-which protocol produced a number") and whether its models make it comparable with published
-tables (``comparable_md``, ``comparable_if``, ``comparable_clip``).
+Every row names the protocol that produced it (``protocol`` column; docs/evaluation.md section
+6) and whether its models make it comparable with published tables (``comparable_md``,
+``comparable_if``, ``comparable_clip``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Image preparation shared by every DragBench metric (README_dragbench_eval.md section 1).
+"""Image preparation shared by every DragBench metric (docs/evaluation.md section 1).
 
 Step 0 of both reference scripts: the edited ("dragged") image is brought to the source
 image's size with ``PIL.Image.resize(source.size, BILINEAR)`` before anything else. PIL's
@@ -25,7 +25,7 @@ def load_rgb(path) -> np.ndarray:
 def resize_to_source(edited: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """The edited image at the source size, as both reference scripts compute it.
 
-    README_dragbench_eval.md section 1, "First step in both scripts":
+    docs/evaluation.md section 1, the first step of both scripts:
     ``dragged_PIL.resize(source_PIL.size, PIL.Image.BILINEAR)``. No point is rescaled anywhere,
     so a method that returns 512 x 512 for a non-square source is scored after an
     aspect-changing resize (a quirk of the protocol, reproduced on purpose).
@@ -47,7 +47,7 @@ def resize_to_source(edited: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray
 def to_signed_unit(image: np.ndarray) -> torch.Tensor:
     """``uint8 (H, W, 3)`` -> float32 ``(1, 3, H, W)`` in [-1, 1]: ``(x / 255.0 - 0.5) * 2``.
 
-    README_dragbench_eval.md section 1.1 step 2 (the DIFT input). The similarity script's
+    docs/evaluation.md section 2, step 2 (the DIFT input). The similarity script's
     ``x / 127.5 - 1`` gives the same float32 values for all 256 inputs (checked in the tests).
     """
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)

@@ -40,7 +40,7 @@ __all__ = ["AUTHORS_CATEGORY_ORDER", "ResultsFolder", "FolderEval", "Evaluator",
 
 PROTOCOL = "dragbench-dragdiffusion"
 """The protocol of DragDiffusion's ``drag_bench_evaluation`` scripts (commit ebe659a), as
-README_dragbench_eval.md describes it: PIL-bilinear resize of the edit to the source size; MD
+docs/evaluation.md describes it: PIL-bilinear resize of the edit to the source size; MD
 with DIFT (SD 2.1, t=261, up_blocks[1], ensemble 8, sampled VAE latent, prompt), global argmax,
 pooled over pairs; IF = 1 - LPIPS(alex v0.1) on 224x224 squashed [-1, 1] inputs; CLIP ViT-B/32
 image-image cosine. Numbers are comparable with the published tables only with the real models."""
@@ -143,7 +143,7 @@ def resolve_results(entries, labels=None) -> list[ResultsFolder]:
             continue
         jobs = [d for d in sorted(p.iterdir()) if d.is_dir() and (d / "results").is_dir()]
         if jobs:  # a sweep: name each job by the values that differ between jobs
-            from ..summary import _job_key, collect
+            from ..reporting.summary import _job_key, collect
 
             settings = {r["job_dir"]: r["setting"] for r in collect(p)}
             for d in sorted(jobs, key=_job_key):
@@ -367,7 +367,7 @@ def evaluate_from_config(cfg, out_dir: str | Path) -> list[FolderEval]:
         evals.append(ev.evaluate(samples, f, names))
     run = None
     if cfg.logger.get("enabled"):
-        from ..wandb_run import ExperimentLog
+        from ..reporting.wandb_run import ExperimentLog
 
         wb = ExperimentLog(**dict(cfg.logger), config=OmegaConf.to_container(cfg, resolve=True))
         run = wb.run

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from ..summary import collect
+from ..reporting.summary import collect
 
 __all__ = ["toybench_rows", "write_toybench_report", "format_table", "ToyBenchReport"]
 

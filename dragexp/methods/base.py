@@ -22,9 +22,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from ..speed import SpeedSettings
-from ..stages import StageTimer
+from ..core.stages import StageTimer
+from ..performance.speed import SpeedSettings
 
 
 @dataclass
@@ -55,7 +56,7 @@ class EditContext:
         lora_callbacks: extra Lightning callbacks of the LoRA fit (e.g. the editor's progress).
         precision: Lightning precision string (``32-true``, ``bf16-mixed``, ``16-mixed``).
         progress: show progress bars.
-        speed: the fast path's switches (:mod:`dragexp.speed`); faithful by default.
+        speed: the fast path's switches (:mod:`dragexp.performance.speed`); faithful by default.
     """
 
     callbacks: tuple = ()
@@ -110,6 +111,45 @@ def image_tensor(image: np.ndarray, centred: bool = False) -> torch.Tensor:
 
 
 @torch.no_grad()
+def working_size(image_hw: tuple[int, int], *, long_side: float | None = None,
+                 area: float | None = None) -> tuple[int, int]:
+    """The ``(H, W)`` a method works at: the image scaled so that its long side is
+    ``long_side`` (EasyDrag: the authors' ``resize_image(img, 512)``) or its area is ``area``
+    (DragonDiffusion: ``resize_numpy_image`` to ``max_resolution**2``), each side rounded half
+    to even (numpy's, as both authors round) to a multiple of 64.
+
+    Exactly one of ``long_side`` and ``area`` is given. A side that would round below 64 (an
+    image too elongated for the size asked) is refused with the sizes in the message.
+    """
+    if (long_side is None) == (area is None):
+        raise ValueError("working_size takes exactly one of long_side and area")
+    h, w = float(image_hw[0]), float(image_hw[1])
+    k = float(long_side) / max(h, w) if area is None else (float(area) / (h * w)) ** 0.5
+    H, W = int(np.round(h * k / 64.0)) * 64, int(np.round(w * k / 64.0)) * 64
+    if H < 64 or W < 64:
+        asked = f"long side {long_side:g}" if area is None else f"area {area:g}"
+        raise ValueError(f"a working size of {asked} px makes {H}x{W} of a {int(h)}x{int(w)} "
+                         "image; both sides must be at least 64 (raise the method's resolution)")
+    return H, W
+
+
+def resize_image(image: np.ndarray, size_hw: tuple[int, int], resample=None) -> np.ndarray:
+    """uint8 (H, W, 3) -> a new array of ``size_hw`` (Pillow).
+
+    ``resample`` None: Lanczos when enlarging, box (area) when shrinking, the Pillow filters
+    closest to the OpenCV Lanczos-4 / area pair the authors' EasyDrag code uses; otherwise that
+    Pillow filter (DragonDiffusion: Lanczos for the upload, Pillow's default bicubic for the
+    second image).
+    """
+    h, w = int(size_hw[0]), int(size_hw[1])
+    if tuple(image.shape[:2]) == (h, w):
+        return image.copy()
+    if resample is None:
+        grow = h * w > image.shape[0] * image.shape[1]
+        resample = Image.Resampling.LANCZOS if grow else Image.Resampling.BOX
+    return np.asarray(Image.fromarray(image).resize((w, h), resample)).copy()
+
+
 def decode_image(models, latent: torch.Tensor, size_hw: tuple[int, int]) -> np.ndarray:
     """Decodes ``latent`` (the first of the batch), resizes it bilinearly to ``size_hw`` (the
     source size) and returns it as uint8 HxWx3."""

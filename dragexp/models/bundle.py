@@ -14,7 +14,7 @@ class ModelBundle:
     """UNet, VAE, text encoder and tokenizer of one Stable Diffusion 1.5-family model.
 
     The bundle holds no scheduler: schedules are arithmetic shared by every method
-    (``dragexp.schedule``) and do not depend on which weights are loaded.
+    (``dragexp.core.schedule``) and do not depend on which weights are loaded.
 
     Attributes:
         unet: the noise-prediction UNet.

@@ -22,7 +22,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from dragexp.models.bundle import ModelBundle
 from dragexp.models.errors import ModelSourceError
-from dragexp.schedule import SD_SCHEDULER_CONFIG
+
+from ..core.schedule import SD_SCHEDULER_CONFIG
 
 DEFAULT_SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 """The SD 1.5 weights on the Hub (``runwayml/stable-diffusion-v1-5`` was removed; this is its mirror)."""
@@ -165,14 +166,10 @@ def _load_vae(source: str, revision: str | None, local_files_only: bool | None) 
         raise _hub_error(source, err, "VAE") from err
 
 
-def load_pretrained(
-    path_or_id: str = DEFAULT_SD15_ID,
-    vae: str | None = None,
-    revision: str | None = None,
-    variant: str | None = None,
-    local_files_only: bool | None = None,
-    resolution: int | None = None,
-) -> ModelBundle:
+def load_pretrained(path_or_id: str = DEFAULT_SD15_ID, vae: str | None = None,
+                    revision: str | None = None, variant: str | None = None,
+                    local_files_only: bool | None = None,
+                    resolution: int | None = None) -> ModelBundle:
     """Loads an SD 1.5-family model in diffusers layout from the Hub or a local folder.
 
     Args:

@@ -115,24 +115,32 @@ def _assemble(
     return bundle.to("cpu")
 
 
-def tiny_unet_config(resolution: int = 128, cross_attention_dim: int = 32) -> dict:
-    """UNet2DConditionModel kwargs: SD 1.5's topology at toy width.
+def sd_unet_config(block_out_channels: tuple[int, ...], cross_attention_dim: int,
+                   norm_num_groups: int, resolution: int) -> dict:
+    """``UNet2DConditionModel`` kwargs of SD 1.5's topology at the given width.
 
     4 levels, ``layers_per_block=2``, 3 cross-attention down blocks + 1 plain, mirrored up
-    blocks: 16 transformer blocks (6 down, 1 mid, 9 up), like SD 1.5.
+    blocks: 16 transformer blocks (6 down, 1 mid, 9 up), as in SD 1.5, so feature indices and
+    attention-layer counts mean the same at every width.
     """
-    return dict(
-        sample_size=resolution // 8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=_CROSS_ATTN_DOWN,
-        up_block_types=_CROSS_ATTN_UP,
-        block_out_channels=(32, 32, 32, 32),
-        layers_per_block=2,
-        attention_head_dim=8,
-        cross_attention_dim=cross_attention_dim,
-        norm_num_groups=8,
-    )
+    return dict(sample_size=resolution // 8, in_channels=4, out_channels=4,
+                down_block_types=_CROSS_ATTN_DOWN, up_block_types=_CROSS_ATTN_UP,
+                block_out_channels=tuple(block_out_channels), layers_per_block=2,
+                attention_head_dim=8, cross_attention_dim=cross_attention_dim,
+                norm_num_groups=norm_num_groups)
+
+
+def clip_text_config(vocab_size: int, width: int, layers: int, heads: int, ffn: int,
+                     **extra) -> dict:
+    """``CLIPTextConfig`` kwargs of a CLIP text tower (77 positions, projection = width)."""
+    return dict(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
+                num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=77,
+                projection_dim=width, **extra)
+
+
+def tiny_unet_config(resolution: int = 128, cross_attention_dim: int = 32) -> dict:
+    """UNet2DConditionModel kwargs: SD 1.5's topology (:func:`sd_unet_config`) at width 32."""
+    return sd_unet_config((32, 32, 32, 32), cross_attention_dim, 8, resolution)
 
 
 def build_tiny(seed: int = 0, resolution: int = 128) -> ModelBundle:
@@ -147,15 +155,7 @@ def build_tiny(seed: int = 0, resolution: int = 128) -> ModelBundle:
     """
     vae_config = sd_vae_config((16, 32, 32, 32), 1, 8, resolution)
     tokenizer = build_offline_tokenizer()
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=77,
-        projection_dim=32,
-    )
+    text_config = clip_text_config(len(tokenizer), 32, layers=2, heads=4, ffn=64)
     unet_config = tiny_unet_config(resolution)
     source = f"tiny(seed={seed})"
     return _assemble(unet_config, vae_config, text_config, tokenizer, seed, resolution, source)
@@ -173,30 +173,11 @@ def build_sd15_random(seed: int = 0) -> ModelBundle:
     Returns:
         A float32, eval-mode, frozen bundle on the CPU at resolution 512.
     """
-    unet_config = dict(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=_CROSS_ATTN_DOWN,
-        up_block_types=_CROSS_ATTN_UP,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        attention_head_dim=8,
-        cross_attention_dim=768,
-        norm_num_groups=32,
-    )
+    unet_config = sd_unet_config((320, 640, 1280, 1280), 768, 32, 512)
     vae_config = sd_vae_config((128, 256, 512, 512), 2, 32, 512)
     # CLIP ViT-L/14's text tower, as used by SD 1.5.
-    text_config = dict(
-        vocab_size=49408,
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        projection_dim=768,
-    )
+    text_config = clip_text_config(49408, 768, layers=12, heads=12, ffn=3072,
+                                   hidden_act="quick_gelu")
     tokenizer = build_offline_tokenizer()
     source = f"sd15_random(seed={seed})"
     return _assemble(unet_config, vae_config, text_config, tokenizer, seed, 512, source)

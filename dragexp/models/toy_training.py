@@ -10,7 +10,7 @@ Two LightningModules, trained one after the other by ``scripts/train_toy_model.p
   fine-tunes the decoder alone on the frozen encoder's latents;
 * :class:`ToyUNetTraining`: the noise-prediction UNet and the text encoder, the DDPM
   epsilon objective (Ho et al. 2020, eq. 14) on SD 1.5's ``scaled_linear`` schedule
-  (:func:`dragexp.schedule.sd_alphas_cumprod`, the schedule every method inverts and samples
+  (:func:`dragexp.core.schedule.sd_alphas_cumprod`, the schedule every method inverts and samples
   with), captions dropped 10% of the time so classifier-free guidance has an unconditional
   branch to use.
 
@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from dragexp.data.toyworld import COLOURS, SHAPES, random_scene, render, caption
-from dragexp.models.tiny import _CROSS_ATTN_DOWN, _CROSS_ATTN_UP, _bytes_to_unicode, sd_vae_config
-from dragexp.schedule import sd_alphas_cumprod
+from dragexp.data.toyworld import COLOURS, SHAPES, caption, random_scene, render
+from dragexp.models.tiny import _bytes_to_unicode, clip_text_config, sd_unet_config, sd_vae_config
+
+from ..core.schedule import sd_alphas_cumprod
 
 TEXT_WIDTH = 64
 
@@ -48,10 +49,7 @@ def toy_vae_config(resolution: int = 128) -> dict:
 def toy_unet_config(resolution: int = 128) -> dict:
     """``UNet2DConditionModel`` kwargs: SD 1.5's topology (16 transformer blocks, 4 levels,
     ``layers_per_block=2``) at widths 32-64-64-64."""
-    return dict(sample_size=resolution // 8, in_channels=4, out_channels=4,
-                down_block_types=_CROSS_ATTN_DOWN, up_block_types=_CROSS_ATTN_UP,
-                block_out_channels=(32, 64, 64, 64), layers_per_block=2, attention_head_dim=8,
-                cross_attention_dim=TEXT_WIDTH, norm_num_groups=32)
+    return sd_unet_config((32, 64, 64, 64), TEXT_WIDTH, 32, resolution)
 
 
 def _world_words() -> list[str]:
@@ -104,11 +102,10 @@ def build_world_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
 
 def build_toy_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     """A two-layer CLIP text transformer of width 64 for the world tokenizer."""
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=2 * TEXT_WIDTH, max_position_embeddings=77,
-        projection_dim=TEXT_WIDTH, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return CLIPTextModel(CLIPTextConfig(**clip_text_config(
+        len(tokenizer), TEXT_WIDTH, layers=2, heads=4, ffn=2 * TEXT_WIDTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)))
 
 
 class ToySceneStream(torch.utils.data.IterableDataset):

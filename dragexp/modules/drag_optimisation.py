@@ -2,15 +2,14 @@
 
 One optimisation loop for every latent-optimising method. What differs between methods is a
 strategy object or a value: *what* is optimised and how the UNet runs on it
-(:mod:`dragexp.targets`: the latent z_t, the latent under EasyDrag's reference attention, or the
+(:mod:`dragexp.drag.targets`: the latent z_t, the latent under EasyDrag's reference attention, or the
 UNet bottleneck), which features supervise (``feature_idx``) and how they are composed
 (``compose_features``: DragDiffusion resizes each to the half-resolution grid, EasyDrag
 concatenates and upsamples x8 to image pixels), the loss (:class:`DragObjective`,
 :class:`CosineDragObjective`), and - through callbacks - how points are tracked, when to stop,
 and whether the editable mask is drawn or computed (auto mask).
 
-Per step, the order is the authors' (NOTES_dragdiffusion_dragnoise.md section 2,
-NOTES_easydrag_dragondiffusion.md item 9):
+Per step, the order is the authors' (docs/methods.md, DragDiffusion 3 and EasyDrag 9):
 
 1. forward with gradient: features F1 and eps, then one DDIM step x_{t-1};
 2. the ``on_drag_features`` hook: callbacks act on *this* forward's features (point tracking,
@@ -22,7 +21,7 @@ NOTES_easydrag_dragondiffusion.md item 9):
    ``on_drag_step_end``.
 
 The optimised tensor is the module's only trainable parameter and stays float32 under mixed
-precision (FRAMEWORK.md, Lightning).
+precision (docs/methods.md, Framework 3).
 """
 
 from __future__ import annotations
@@ -34,10 +33,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..features import resize_concat
-from ..losses import (consistency_loss, cosine_point_loss, mask_preservation_loss,
-                      motion_supervision_loss)
-from ..schedule import DDIMSchedule, ddim_step
+from ..core.features import resize_concat
+from ..core.schedule import DDIMSchedule, ddim_step
+from ..drag.losses import (consistency_loss, cosine_point_loss, mask_preservation_loss,
+                           motion_supervision_loss)
+from ..drag.targets import DragProblem
 from .fitting import fit
 
 
@@ -146,16 +146,16 @@ class DragObjective:
 
 
 class CosineDragObjective:
-    """EasyDrag's losses (METHODS.md EasyDrag; NOTES_easydrag_dragondiffusion.md items 12-14).
+    """EasyDrag's losses (docs/methods.md, EasyDrag 12-14).
 
-    Point term: :func:`dragexp.losses.cosine_point_loss` (1 / (1 + S) per handle towards its
+    Point term: :func:`dragexp.drag.losses.cosine_point_loss` (1 / (1 + S) per handle towards its
     next point, ``on_target_weight`` / (1 + S) once on the target). Consistency term:
-    :func:`dragexp.losses.consistency_loss` over the pixels outside ``state.mask`` (the drawn
+    :func:`dragexp.drag.losses.consistency_loss` over the pixels outside ``state.mask`` (the drawn
     mask, or the auto mask when that callback is active).
 
     Args:
         radius: motion patch radius r_m (0: single pixels, the authors' setting).
-        jump, snap: :func:`dragexp.trackers.next_point` parameters (12 px, 18 px).
+        jump, snap: :func:`dragexp.drag.trackers.next_point` parameters (12 px, 18 px).
         on_target_weight: weight of a handle's term once it sits on its target (0.1).
         share_weight: weight of the consistency term (0.1).
     """
@@ -189,7 +189,7 @@ class DragOptimisation(L.LightningModule):
 
     Args:
         unet: frozen UNet (LoRA may be active).
-        target: a :mod:`dragexp.targets` strategy that owns the optimised tensor's meaning.
+        target: a :mod:`dragexp.drag.targets` strategy that owns the optimised tensor's meaning.
         latent: z_t at the edit timestep, (1, 4, h, w).
         timestep: the edit timestep t.
         text_embedding: prompt embedding (1, L, D).
@@ -200,9 +200,9 @@ class DragOptimisation(L.LightningModule):
         objective: the loss strategy.
         lr: Adam learning rate; n_steps: at most this many optimiser steps.
         compose_features: ``f(native feature maps, supervision size)`` -> supervision features;
-            :func:`dragexp.features.resize_concat` (DragDiffusion) by default,
-            :func:`dragexp.features.concat_then_resize` for EasyDrag.
-        reuse_initial_forward, fused_optimizer: the fast path's switches (:mod:`dragexp.speed`).
+            :func:`dragexp.core.features.resize_concat` (DragDiffusion) by default,
+            :func:`dragexp.core.features.concat_then_resize` for EasyDrag.
+        reuse_initial_forward, fused_optimizer: the fast path's switches (:mod:`dragexp.performance.speed`).
     """
 
     def __init__(self, unet: nn.Module, target, latent: torch.Tensor, timestep: int,
@@ -215,11 +215,12 @@ class DragOptimisation(L.LightningModule):
         self.automatic_optimization = False
         self.unet = unet
         self.target = target
-        self.register_buffer("z_t", latent.detach().float().clone())
-        self.register_buffer("text_embedding", text_embedding.detach().clone())
-        self.timestep = int(timestep)
+        # Fixed before the optimisation starts; strategies see this, never the module.
+        self.problem = DragProblem(unet=unet, z_t=latent.detach().float().clone(),
+                                   timestep=int(timestep),
+                                   text_embedding=text_embedding.detach().clone(),
+                                   feature_idx=tuple(int(i) for i in feature_idx))
         self.schedule = schedule
-        self.feature_idx = [int(i) for i in feature_idx]
         self.objective = objective or DragObjective()
         self.compose_features = compose_features or resize_concat
         self.lr = float(lr)
@@ -232,7 +233,7 @@ class DragOptimisation(L.LightningModule):
         self.register_buffer("mask", mask.detach().float().clone())
         self.register_buffer("mask_latent", nn.functional.interpolate(
             self.mask, size=latent.shape[-2:], mode="nearest"))
-        self.param = nn.Parameter(target.initial(self).float())
+        self.param = nn.Parameter(target.initial(self.problem).float())
         self.param_init = self.param.detach().clone()
         self.num_steps = 0
         self.stopped_early = False
@@ -253,12 +254,30 @@ class DragOptimisation(L.LightningModule):
         (EasyDrag: batch 1, no reference attention).
         """
         if initial and hasattr(self.target, "initial_forward"):
-            eps, feats = self.target.initial_forward(self, param)
+            eps, feats = self.target.initial_forward(self.problem, param)
         else:
-            eps, feats = self.target.forward(self, param)
+            eps, feats = self.target.forward(self.problem, param)
         features = self.compose_features(feats, self.sup_size)
-        x_prev = ddim_step(eps, self.timestep, self.target.latent(self, param), self.schedule)
+        x_prev = ddim_step(eps, self.timestep, self.target.latent(self.problem, param),
+                           self.schedule)
         return eps, features, x_prev
+
+    @property
+    def z_t(self) -> torch.Tensor:
+        """The inverted latent the drag starts from (:attr:`problem`)."""
+        return self.problem.z_t
+
+    @property
+    def timestep(self) -> int:
+        return self.problem.timestep
+
+    @property
+    def feature_idx(self) -> list[int]:
+        return list(self.problem.feature_idx)
+
+    def outcome(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(edited latent to denoise, optimised bottleneck to propagate or None)."""
+        return self.target.outcome(self.problem, self.result)
 
     def _precision_context(self):
         trainer = self._trainer

@@ -1,10 +1,10 @@
 """One way to fit a per-image LightningModule: a fresh, quiet Trainer that leaves models in place.
 
-FRAMEWORK.md: a Trainer cannot be reused after it reached its stop condition, and a fresh one
-costs milliseconds with checkpointing, model summary and loggers off. Lightning's strategies move
-the module to the CPU at teardown; :class:`StayOnDevice` does not, so a bundle on the GPU stays
-there for the next stage and the next sample (and the fitted tensor stays beside it) instead of
-crossing the bus twice per fit.
+A Trainer cannot be reused after it reached its stop condition, and a fresh one costs
+milliseconds with checkpointing, model summary and loggers off (docs/methods.md, Framework 1).
+Lightning's strategies move the module to the CPU at teardown; :class:`StayOnDevice` does not,
+so a bundle on the GPU stays there for the next stage and the next sample (and the fitted tensor
+stays beside it) instead of crossing the bus twice per fit.
 """
 
 from __future__ import annotations

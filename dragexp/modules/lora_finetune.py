@@ -1,9 +1,9 @@
 """DragDiffusion's identity-preserving LoRA fine-tuning as a LightningModule.
 
-METHODS.md, DragDiffusion step 1, and NOTES_dragdiffusion_dragnoise.md section 6 (the reference's
-``utils/lora_utils.py::train_lora``). One step, in this order:
+docs/methods.md, DragDiffusion 1 (the reference's ``utils/lora_utils.py::train_lora``). One
+step, in this order:
 
-1. ``batch_size`` augmented views of the image (:func:`dragexp.augment.lora_views`), float16;
+1. ``batch_size`` augmented views of the image (:func:`dragexp.core.augment.lora_views`), float16;
 2. ``x0 = vae.encode(views).latent_dist`` *sampled* (a fresh posterior sample every step)
    ``* scaling_factor``;
 3. ``noise ~ N(0, I)``, ``t ~ U{0, ..., 999}`` per view;
@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..augment import crop_offsets, lora_views, resize_shorter, to_model_range
-from ..lora import (LORA_WEIGHT_NAME, add_lora, has_lora, load_lora, lora_parameters,
-                    lora_state_dict, save_lora)
-from ..schedule import sd_alphas_cumprod
+from ..core.augment import crop_offsets, lora_views, resize_shorter, to_model_range
+from ..core.lora import (LORA_WEIGHT_NAME, add_lora, has_lora, load_lora, lora_parameters,
+                         lora_state_dict, save_lora)
+from ..core.schedule import sd_alphas_cumprod
 from .fitting import fit
 
 __all__ = ["Draws", "RandomDraws", "ReplayDraws", "LoRAFineTune", "ddpm_add_noise",
@@ -194,7 +194,7 @@ def _module_dtype(module: nn.Module) -> torch.dtype:
 class LoRAFineTune(L.LightningModule):
     """Fine-tunes a LoRA on the UNet so that it reconstructs one image (DragDiffusion step 1).
 
-    The UNet gets a LoRA adapter (:func:`dragexp.lora.add_lora`) unless it already has one (e.g.
+    The UNet gets a LoRA adapter (:func:`dragexp.core.lora.add_lora`) unless it already has one (e.g.
     with an injected initial state). Only the LoRA weights are optimised, with manual
     optimisation so that each step runs exactly: zero_grad, views, VAE posterior sample, noise,
     timesteps, ``add_noise``, UNet, MSE, backward, AdamW step.
@@ -386,7 +386,7 @@ def train_lora(unet: nn.Module, vae: nn.Module, text_embedding: torch.Tensor, im
                callbacks: Sequence[L.Callback] = (), **hparams) -> Path:
     """Train (or reuse) the identity-preserving LoRA for one image; the UNet keeps it active.
 
-    With a ``cache_key`` (see :func:`dragexp.lora.lora_cache_key`), a file
+    With a ``cache_key`` (see :func:`dragexp.core.lora.lora_cache_key`), a file
     ``out_dir/<cache_key>/pytorch_lora_weights.safetensors`` from an earlier run with the same
     image, prompt, model and settings is loaded instead of training. Otherwise a fresh adapter is
     added (initialised from ``seed``), fitted by a fresh Trainer, and saved atomically there

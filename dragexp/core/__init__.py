@@ -1,0 +1,1 @@
+"""The diffusion parts every method shares: schedule, inversion, sampling, attention, features, LoRA."""

@@ -1,0 +1,1 @@
+"""How fast an edit runs and what it costs: speed settings and the stage profiler."""

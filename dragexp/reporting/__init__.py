@@ -1,0 +1,1 @@
+"""What a run leaves behind: per-sample results, pictures, W&B, sweep summaries, paper plots."""
