@@ -153,7 +153,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     if skipped:
         log.info("skipping %d finished samples (resume=true; resume=false redoes them)%s",
                  len(skipped), ": " + ", ".join(skipped) if log.isEnabledFor(logging.DEBUG) else "")
-    log.info("done: %d edited, %d failed, results in %s", summary["num_done"],
+    log.info("done: %d edited (%d in this run, %d finished before), %d failed, results in %s",
+             summary["num_done"], summary["num_done"] - len(skipped), len(skipped),
              summary["num_failed"], results_dir)
     if errors:
         total = len(errors) + len(rows)

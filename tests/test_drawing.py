@@ -77,3 +77,25 @@ def test_side_by_side_pads_heights():
     assert labelled.shape[0] > 64 and labelled.shape[1] == out.shape[1]
     with pytest.raises(ValueError):
         side_by_side([a, b], labels=["only one"])
+
+
+def test_written_folders_follow_the_umask(tmp_path):
+    """Result and saved-sample folders are written under a temporary name (mkdtemp: 0700) and
+    renamed; the finished folders get the user's umask, like every other file of a run."""
+    import os
+    import stat
+
+    from dragexp.app.editor import write_dragbench_sample
+    from dragexp.reporting.results import staging_dir
+
+    old = os.umask(0o022)
+    try:
+        image = np.zeros((16, 16, 3), np.uint8)
+        saved = write_dragbench_sample(tmp_path / "bench", "art", "s1", image, [(2, 2), (8, 8)],
+                                       None, "a prompt")
+        (tmp_path / "results").mkdir()
+        staged = staging_dir(tmp_path / "results" / "s2")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o755
+    assert stat.S_IMODE(staged.stat().st_mode) == 0o755

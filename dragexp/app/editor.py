@@ -12,7 +12,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from ..data import DragSample, ToyBench, validate_sample
 from ..experiment import build_drag_callbacks, load_models, pick_device, resolve_precision
 from ..methods.base import EditContext
 from ..performance.speed import SpeedSettings, apply_to_models
-from ..reporting.results import write_result
+from ..reporting.results import staging_dir, write_result
 from .progress import EditProgress
 
 __all__ = ["CONFIG_DIR", "PARAMS", "Editor", "EditOutcome", "InputError", "check_page_overrides",
@@ -122,7 +121,7 @@ def write_dragbench_sample(root: str | Path, category: str, name: str, image: np
     final.parent.mkdir(parents=True, exist_ok=True)
     pts = [[int(v) if float(v).is_integer() else float(v) for v in p] for p in sample.points]
     meta = {"prompt": sample.prompt, "points": pts, "mask": sample.mask.astype(np.uint8)}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
+    tmp = staging_dir(final)
     try:
         Image.fromarray(sample.image).save(tmp / "original_image.png")
         with open(tmp / "meta_data.pkl", "wb") as f:

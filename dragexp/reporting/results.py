@@ -35,15 +35,22 @@ def is_done(out: str | Path, name: str) -> bool:
     return (sample_dir(out, name) / RESULT_FILE).is_file()
 
 
+def staging_dir(final: Path) -> Path:
+    """A hidden empty folder beside ``final`` to write into and then rename to ``final`` (so a
+    folder is complete or absent), with the permissions of the user's umask: ``mkdtemp``
+    makes it 0700, which the finished folder must not keep."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
 def write_result(out: str | Path, sample, result, extra: dict | None = None) -> Path:
     """Write one edit's files into ``<out>/<sample.name>/`` atomically; returns that folder."""
     final = sample_dir(out, sample.name)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    # mkdtemp makes the folder 0700; the finished sample folder gets the user's umask instead.
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    tmp = staging_dir(final)
     try:
         Image.fromarray(result.image).save(tmp / "dragged_image.png")
         truth = (getattr(sample, "extras", None) or {}).get("ground_truth")
