@@ -56,13 +56,15 @@ class NearestFeatureTracker(Tracker):
         self.radius = int(radius)
         self.border = border
 
+    def _crashes_reference(self, row: int, col: int) -> bool:
+        """The reference's window would start above or left of the map (``border="reference"``)."""
+        return self.border == "reference" and (row < self.radius or col < self.radius)
+
     def check_start(self, handles: torch.Tensor, sample) -> None:
         """With ``border="reference"``, refuse handles within the radius of the top/left border
         (where the reference crashes at the first tracking step), naming the clicked point."""
-        if self.border != "reference":
-            return
         for i, (r, c) in enumerate(handles.tolist()):
-            if r < self.radius or c < self.radius:
+            if self._crashes_reference(int(r), int(c)):
                 x, y = sample.points[2 * i]
                 raise BorderError(
                     f"sample {sample.name!r}: handle {i} at (x={x:g}, y={y:g}) maps to "
@@ -84,7 +86,7 @@ class NearestFeatureTracker(Tracker):
             r0, c0 = int(handles_init[i, 0]), int(handles_init[i, 1])
             f0 = F0[:, :, r0, c0][..., None, None]
             pr, pc = int(handles[i, 0]), int(handles[i, 1])
-            if self.border == "reference" and (pr - r < 0 or pc - r < 0):
+            if self._crashes_reference(pr, pc):
                 raise BorderError(
                     f"handle {i} at (row {pr}, col {pc}) is within the tracking radius {r} of the "
                     f"top/left border of the {H}x{W} feature map, where the reference "

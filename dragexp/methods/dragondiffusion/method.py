@@ -47,9 +47,9 @@ from .regions import (as_upload_mask, copy_latent_patches, feature_scale, latent
                       process_move, process_paste)
 from .sampling import DragonSchedule, DragonTrace, dragon_edit, invert_with_bank
 
-__all__ = ["TASK_DEFAULTS", "DragonParams", "DragonRun", "CachedReference", "BatchedReference", "run_drag",
-           "run_move", "run_blend", "DragonDiffusionMethod",
-           "TASKS", "task_inputs", "up_block_sizes"]
+__all__ = ["TASK_DEFAULTS", "DragonParams", "DragonRun", "StepReferenceFeatures",
+           "BatchedReferenceFeatures", "run_drag", "run_move", "run_blend",
+           "DragonDiffusionMethod", "TASKS", "task_inputs", "up_block_sizes"]
 
 TASKS = ("drag", "move", "resize", "appearance", "paste")
 # The authors' UI defaults of each tab (energy_scale in UI units, x 1e3 inside): the numbers a
@@ -99,7 +99,7 @@ def up_block_sizes(unet) -> dict[int, int]:
             for k in range(n)}
 
 
-class CachedReference:
+class StepReferenceFeatures:
     """The authors' reference features: the estimator's features of the inversion latent at
     step i, computed once per step (no gradient) and read by the guidance."""
 
@@ -117,7 +117,7 @@ class CachedReference:
         return self.cache[key]
 
 
-class BatchedReference:
+class BatchedReferenceFeatures:
     """The fast path (``speed.batch_guidance``): the inversion latent itself, to run in the same
     estimator call as the current latent, both gradients from one backward (``split``)."""
 
@@ -135,8 +135,8 @@ class DragonRun:
     ``init_latent`` (same shape as z_T) replaces the inversion's z_T as the sampler's start (the
     paper's "w/o inversion prior" ablation, Fig. 9: random z_T); the task's z_T edit then acts
     on it, and the memory bank and the guidance's reference features still come from the
-    inversion. ``reference``: :class:`CachedReference` (the authors') or
-    :class:`BatchedReference` (``speed.batch_guidance``).
+    inversion. ``reference``: :class:`StepReferenceFeatures` (the authors') or
+    :class:`BatchedReferenceFeatures` (``speed.batch_guidance``).
     """
 
     unet: Any
@@ -152,7 +152,8 @@ class DragonRun:
     timer: StageTimer = field(default_factory=StageTimer)
     sizes: dict[int, int] | None = None
     init_latent: torch.Tensor | None = None
-    reference: CachedReference | BatchedReference = field(default_factory=CachedReference)
+    reference: StepReferenceFeatures | BatchedReferenceFeatures = field(
+        default_factory=StepReferenceFeatures)
 
     def invert(self, latent0: torch.Tensor, cond: torch.Tensor | None = None):
         """DDIM inversion of every step, filling the memory bank (timed)."""
@@ -538,7 +539,8 @@ class DragonDiffusionMethod:
         run = DragonRun(models.unet, cond, uncond, params, estimator, self.schedule, controller,
                         emb_im, emb_im_uncond, trace, timer, sizes,
                         init_latent=self._random_start(latent0),
-                        reference=BatchedReference() if speed.batch_guidance else CachedReference())
+                        reference=(BatchedReferenceFeatures() if speed.batch_guidance
+                                   else StepReferenceFeatures()))
         from .image_prompt import dragon_attention
 
         with dragon_attention(models.unet, controller, adapter), autocast_for(precision, device):
