@@ -9,8 +9,9 @@ One processor class, :class:`ControlledAttnProcessor`, does ordinary attention a
   EasyDrag's reference attention is the same controller on every decoder self-attention layer
   with the reference *last* in the batch ``[edited, reference]`` (:func:`reference_attention`).
 
-The processor calls ``attn.to_q`` / ``to_k`` / ``to_v`` / ``to_out``, so LoRA adapters that
-peft placed inside those linear layers stay active.
+The processor computes queries, keys and values with :func:`dragexp.core.projections.project_qkv`
+(``attn.to_q`` / ``to_k`` / ``to_v``, fused where the fast path prepared the layer) and calls
+``to_out``, so LoRA adapters that peft placed inside those linear layers stay active.
 
 Layers are counted from the model, never from SD 1.5 constants: :func:`transformer_blocks`
 lists the UNet's transformer blocks in execution order (down, mid, up), which is how MasaCtrl
@@ -27,6 +28,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .projections import project_qkv
 
 
 @dataclass(frozen=True)
@@ -153,13 +156,7 @@ class ControlledAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states)
         key, value = self.controller.keys_values(self.name, query, key, value)
 
         head_dim = key.shape[-1] // attn.heads
@@ -176,7 +173,10 @@ class ControlledAttnProcessor:
             hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        # a division by 1.0 (every SD-1.5 layer) is a kernel launch for nothing
+        if attn.rescale_output_factor != 1.0:
+            hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
 
 
 _SELF_ATTN_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()

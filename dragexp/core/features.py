@@ -2,7 +2,9 @@
 
 Feature index convention (docs/methods.md, Shared 4; DragDiffusion's
 ``forward_unet_features``): 0 = output of ``mid_block``, 1..4 = outputs of ``up_blocks[0..3]``.
-Hooks read the real module outputs; no copy of the UNet's forward exists anywhere in dragexp.
+Hooks read the real module outputs; the UNet's forward is diffusers' own (the one block that
+dragexp re-writes is the fast path's ``ResnetBlock2D`` forward, :mod:`dragexp.performance.lean_unet`,
+equal to diffusers' by test).
 The same hook machinery can also *replace* a module's output (DragNoise's bottleneck
 substitution), so a method that needs a modified forward asks for a replacement, not a fork.
 """

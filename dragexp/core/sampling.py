@@ -46,6 +46,7 @@ class NoisePredictor:
         self.bottleneck_module = feature_module(unet, bottleneck_feature)
         self.last_raw_eps: torch.Tensor | None = None
         self.last_injected = False
+        self._cfg_text: dict[tuple, torch.Tensor] = {}
 
     @property
     def cfg(self) -> bool:
@@ -63,7 +64,12 @@ class NoisePredictor:
             if self.uncond is None:
                 raise ValueError("guidance != 1 needs a negative-prompt embedding (uncond)")
             x_in = torch.cat([x, x])
-            text = torch.cat([self.uncond.expand(b, -1, -1), self.cond.expand(b, -1, -1)])
+            # one tensor per edit: the fast path then computes its cross-attention K/V once
+            key = (b, self.uncond._version, self.cond._version)
+            text = self._cfg_text.get(key)
+            if text is None:
+                text = self._cfg_text[key] = torch.cat([self.uncond.expand(b, -1, -1),
+                                                      self.cond.expand(b, -1, -1)])
         else:
             x_in, text = x, self.cond.expand(b, -1, -1)
         h = self._bottleneck_for(i, x_in.shape[0])
@@ -86,6 +92,7 @@ class ReferenceAttentionUNet:
 
     def __init__(self, unet: nn.Module):
         self.unet = unet
+        self._guided_text: tuple | None = None
 
     def __call__(self, x: torch.Tensor, t: int, text: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
@@ -99,7 +106,13 @@ class ReferenceAttentionUNet:
         the negative prompt (plain attention), x with the prompt reading ref's decoder
         keys/values, and ref with the prompt, as ``[x, ref]`` and ``x`` compute them apart."""
         batch = torch.cat([x, x, ref])
-        text = torch.cat([uncond, cond, cond])
+        # built once per (uncond, cond): the fast path then computes its cross-attention K/V once
+        cached = self._guided_text
+        versions = (uncond._version, cond._version)
+        if cached is None or cached[0] is not uncond or cached[1] is not cond or \
+                cached[2] != versions:
+            cached = self._guided_text = (uncond, cond, versions, torch.cat([uncond, cond, cond]))
+        text = cached[3]
         with self_attention_control(self.unet, IndexedReference([0, 2, 2])):
             eps = self.unet(batch, t, encoder_hidden_states=text, return_dict=False)[0]
         return eps[:1], eps[1:2]

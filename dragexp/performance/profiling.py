@@ -170,11 +170,15 @@ class StageProbe:
 def unet_forward_work(unet, latent_hw: tuple[int, int], text: torch.Tensor) -> FlopSum:
     """FLOPs (``total``) and kernel launches (``launches``, ``by_op``) of one batch-1 no-grad
     UNet forward at ``latent_hw``, as the UNet is now (adapters, processors): the units of
-    forward-equivalents."""
+    forward-equivalents. A first, uncounted call makes it the steady-state call of an edit
+    (the fast path's per-edit work, e.g. the prompt's cross-attention keys/values, done)."""
     p = next(unet.parameters())
     x = torch.zeros(1, unet.config.in_channels, *latent_hw, device=p.device, dtype=p.dtype)
-    with torch.no_grad(), count_flops() as counter:
-        unet(x, 500, encoder_hidden_states=text.to(p), return_dict=False)
+    text = text.to(p)
+    with torch.no_grad():
+        unet(x, 500, encoder_hidden_states=text, return_dict=False)
+        with count_flops() as counter:
+            unet(x, 500, encoder_hidden_states=text, return_dict=False)
     return counter
 
 

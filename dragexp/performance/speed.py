@@ -34,6 +34,11 @@ authors' own GPU precision). ``fast`` changes only how the same edit is computed
   sequence), encodes each distinct augmented view once, and logs no per-step loss, so a step
   makes no host round trip.
 
+* ``lean_unet``: the same UNet function in fewer kernel launches
+  (:mod:`dragexp.performance.lean_unet`): fused self-attention QKV, the prompt's
+  cross-attention keys/values computed once per edit, no multiplications or divisions by 1.0,
+  the time embedding's SiLU applied once (726 -> 587 launches per call at SD-1.5's topology).
+
 SDPA attention is used in both settings: diffusers' default processor and
 :class:`dragexp.core.attention.ControlledAttnProcessor` both call
 ``torch.nn.functional.scaled_dot_product_attention``.
@@ -46,6 +51,8 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
+
+from .lean_unet import set_lean
 
 log = logging.getLogger("dragexp")
 
@@ -65,6 +72,7 @@ class SpeedSettings:
     merge_lora: bool = False
     fused_optimizer: bool = False
     lora_prefetch: bool = False
+    lean_unet: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> "SpeedSettings":
@@ -104,6 +112,7 @@ def apply_to_models(models, settings: SpeedSettings):
         for limit in ("recompile_limit", "cache_size_limit"):
             if hasattr(dynamo.config, limit):
                 setattr(dynamo.config, limit, max(getattr(dynamo.config, limit), 256))
+    set_lean(models.unet, settings.lean_unet)
     for block in _resnet_blocks(models.unet):
         compiled = getattr(block, "_dragexp_compiled", False)
         if settings.compile and not compiled:
