@@ -65,3 +65,109 @@ def test_reference_controlled_forwards_are_one_graph(model):
         _call(unet, x2[:1], text)         # fills the bank for step 0
         ctl.set("sample", 0)
         _one_graph(lambda x, t: _call(unet, x, t), x2[:1], text)
+
+
+# -- captured optimisation steps (speed=graphs) ------------------------------------------------
+
+def _graphs():
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def _captured_and_eager(make_module, callbacks):
+    """(captured module, eager module, graphs compiled by the captured fit); a recompile
+    across steps is an error."""
+    from dragexp.modules.drag_optimisation import fit_drag
+    from dragexp.performance.capture import StepCapture
+
+    eager = fit_drag(make_module(None), callbacks(), progress=False, accelerator="cpu")
+    torch._dynamo.reset()
+    before = _graphs()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        captured = fit_drag(make_module(StepCapture()), callbacks(), progress=False,
+                            accelerator="cpu")
+    return captured, eager, _graphs() - before
+
+
+@pytest.mark.parametrize("kind", ["latent", "bottleneck", "easydrag_cached", "easydrag_batch"])
+def test_drag_steps_are_two_graphs_without_recompiles(model, kind):
+    """Each method's drag step compiles as one forward(+backward) graph and one optimiser-step
+    graph, traced once for all the steps of the edit (points move, the tracker and the stop
+    rule run between the graphs), and optimises what the eager steps optimise."""
+    from callbacks import PointTracking, StopWhenReached
+    from dragexp.core.features import concat_then_resize
+    from dragexp.core.schedule import DDIMSchedule
+    from dragexp.drag.targets import LatentTarget
+    from dragexp.methods.easydrag.reference import ReferenceLatentTarget
+    from dragexp.methods.latent_drag.bottleneck import BottleneckTarget
+    from dragexp.modules.drag_optimisation import (CosineDragObjective, DragObjective,
+                                                   DragOptimisation)
+
+    unet, text = model
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 4:28, 4:28] = 1
+    h, t = torch.tensor([[10.0, 8.0], [20.0, 20.0]]), torch.tensor([[10.0, 24.0], [12.0, 20.0]])
+    easy = kind.startswith("easydrag")
+
+    def make(capture):
+        target = {"latent": LatentTarget, "bottleneck": BottleneckTarget}.get(kind)
+        target = target() if target else ReferenceLatentTarget(
+            True, cache_reference=kind == "easydrag_cached")
+        return DragOptimisation(unet, target, z, 681, text, h, t, mask, DDIMSchedule.sd15(),
+                                [2, 3] if easy else [3],
+                                CosineDragObjective() if easy else DragObjective(), 0.01, 4,
+                                compose_features=concat_then_resize if easy else None,
+                                capture=capture)
+
+    from dragexp.performance.lean_unet import set_lean
+
+    set_lean(unet, kind == "latent")     # the fast path's lean UNet traces as well
+    try:
+        captured, eager, graphs = _captured_and_eager(
+            make, lambda: [] if easy else [PointTracking(), StopWhenReached()])
+    finally:
+        set_lean(unet, False)
+    assert graphs == 2
+    assert captured.num_steps == eager.num_steps == 4
+    assert torch.equal(captured.handles, eager.handles)
+    assert torch.allclose(captured.result, eager.result, atol=1e-5, rtol=1e-4)
+    assert not unet._forward_hooks and not any(m._forward_hooks for m in unet.modules())
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in unet.attn_processors.values())
+
+
+def test_lora_step_is_two_graphs_without_recompiles():
+    """LoRA fine-tuning's step (noising, UNet with the adapter, MSE; then AdamW) compiles as
+    one forward(+backward) graph and one optimiser graph for all steps, with the eager
+    losses and weights."""
+    import copy
+
+    import numpy as np
+
+    from dragexp.core.lora import add_lora
+    from dragexp.modules.lora_finetune import LoRAFineTune, RandomDraws, fit_lora
+    from dragexp.performance.capture import StepCapture
+
+    tiny = build_tiny(0, 64)
+    emb = tiny.encode_prompt("a red disc")
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    runs = {}
+    for capture in (None, StepCapture()):
+        unet = copy.deepcopy(tiny.unet)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            add_lora(unet, rank=4)
+        module = LoRAFineTune(unet, tiny.vae, emb, image, rank=4, lr=1e-2, steps=3,
+                              batch_size=2, resolution=64, draws=RandomDraws(5), prefetch=True,
+                              capture=capture)
+        torch._dynamo.reset()
+        before = _graphs()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            fit_lora(module, progress=False, trainer_kwargs=dict(accelerator="cpu"))
+        runs[capture is not None] = (module.final_lora_state, float(module.last_step["loss"]),
+                                     _graphs() - before)
+    assert runs[True][2] == 2 and runs[False][2] == 0
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-4)
+    worst = max((runs[True][0][k] - v).abs().max().item() for k, v in runs[False][0].items())
+    print("max LoRA weight difference", worst)
+    assert worst < 1e-3 * 1e-2 * 3   # a thousandth of what 3 Adam steps of lr 1e-2 can move

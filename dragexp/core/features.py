@@ -67,6 +67,13 @@ class FeatureTap:
             raise RuntimeError(f"feature indices {missing} were not produced by the last forward")
         return [self._out[k] for k in range(len(self.indices))]
 
+    def take(self) -> list[torch.Tensor]:
+        """:attr:`features`, then forget them: the tap holds nothing between forwards, so a
+        compiled step finds it in the same (empty) state on every call and is not retraced."""
+        out = self.features
+        self._out.clear()
+        return out
+
 
 @contextmanager
 def replace_output(module: nn.Module, value: torch.Tensor | None) -> Iterator[None]:
@@ -125,6 +132,14 @@ def unet_eps_and_features(unet: nn.Module, latent: torch.Tensor, t: int | torch.
                           **unet_kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One UNet forward returning (eps, [feature maps at native resolution])."""
     with FeatureTap(unet, indices) as tap:
-        eps = unet(latent, t, encoder_hidden_states=encoder_hidden_states,
-                   return_dict=False, **unet_kwargs)[0]
-    return eps, tap.features
+        return tapped_forward(unet, tap, latent, t, encoder_hidden_states, **unet_kwargs)
+
+
+def tapped_forward(unet: nn.Module, tap: FeatureTap, latent: torch.Tensor, t: int | torch.Tensor,
+                   encoder_hidden_states: torch.Tensor, **unet_kwargs
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(eps, ``tap.features``) of one UNet forward, ``tap`` entered by the caller: the form a
+    captured step compiles (the hooks exist before the graph is traced)."""
+    eps = unet(latent, t, encoder_hidden_states=encoder_hidden_states,
+               return_dict=False, **unet_kwargs)[0]
+    return eps, tap.take()

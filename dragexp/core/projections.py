@@ -78,8 +78,12 @@ class LeanProjections:
         if any(m is None or m.weight.requires_grad or
                (m.bias is not None and m.bias.requires_grad) for m in layers):
             return None
-        sources = [m.weight for m in layers] + [m.bias for m in layers if m.bias is not None]
         fused = self._fused.get(kind)
+        if torch.compiler.is_compiling():
+            # A traced step reads the concatenation its eager calls built (the weights are
+            # frozen while a step is captured); storages cannot be compared inside a graph.
+            return fused
+        sources = [m.weight for m in layers] + [m.bias for m in layers if m.bias is not None]
         if fused is None or not fused.valid_for(sources):
             fused = self._fused[kind] = _Fused(layers)
             if kind == "kv":

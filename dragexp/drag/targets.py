@@ -12,18 +12,20 @@ Each strategy is handed the frozen :class:`DragProblem` (never the module that o
 gives the initial value of the optimised tensor, the UNet forward that turns its current value
 into (eps, native-resolution features), and the latent on which the one-step denoise x_{t-1} is
 taken. A target may also give ``initial_forward`` for F0 when that forward
-differs from the per-step one. ``optimises_latent`` says whether the optimised tensor is z_t
+differs from the per-step one, and ``step_forward`` for a captured step (``speed=graphs``):
+the per-step forward with its hooks and controllers set up once. ``optimises_latent`` says whether the optimised tensor is z_t
 (what a gradient w.r.t. z_t, e.g. for the auto mask, needs).
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..core.features import unet_eps_and_features
+from ..core.features import FeatureTap, tapped_forward, unet_eps_and_features
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,15 @@ class LatentTarget:
     def forward(self, problem: DragProblem, param: torch.Tensor):
         return unet_eps_and_features(problem.unet, param, problem.timestep,
                                      problem.text_embedding, list(problem.feature_idx))
+
+    def step_forward(self, problem: DragProblem, stack: ExitStack):
+        """:meth:`forward` with its set-up done once per optimisation: the feature tap is
+        entered on ``stack`` (closed when the optimisation ends) and the returned function of
+        the optimised tensor runs the UNet only, the graph a captured step compiles
+        (:mod:`dragexp.performance.capture`)."""
+        tap = stack.enter_context(FeatureTap(problem.unet, problem.feature_idx))
+        return lambda param: tapped_forward(problem.unet, tap, param, problem.timestep,
+                                            problem.text_embedding)
 
     def latent(self, problem: DragProblem, param: torch.Tensor) -> torch.Tensor:
         return param

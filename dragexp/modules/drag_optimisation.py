@@ -26,6 +26,7 @@ precision (docs/methods.md, Framework 3).
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from ..core.features import resize_concat
+from ..performance.capture import StepCapture, outlives_replay
 from ..core.schedule import DDIMSchedule, ddim_step
 from ..drag.losses import (consistency_loss, cosine_point_loss, mask_preservation_loss,
                            motion_supervision_loss)
@@ -203,6 +205,10 @@ class DragOptimisation(L.LightningModule):
             :func:`dragexp.core.features.resize_concat` (DragDiffusion) by default,
             :func:`dragexp.core.features.concat_then_resize` for EasyDrag.
         reuse_initial_forward, fused_optimizer: the fast path's switches (:mod:`dragexp.performance.speed`).
+        capture: run each step as compiled graphs (``speed=graphs``,
+            :mod:`dragexp.performance.capture`): the target's ``step_forward`` with its hooks set
+            up once, then features and x_{t-1}, as one graph with its backward; the optimiser
+            step as another. The point losses and callbacks run eagerly between them.
     """
 
     def __init__(self, unet: nn.Module, target, latent: torch.Tensor, timestep: int,
@@ -210,7 +216,7 @@ class DragOptimisation(L.LightningModule):
                  mask: torch.Tensor, schedule: DDIMSchedule, feature_idx=(3,),
                  objective: DragObjective | None = None, lr: float = 0.01, n_steps: int = 80,
                  compose_features=None, reuse_initial_forward: bool = False,
-                 fused_optimizer: bool = False):
+                 fused_optimizer: bool = False, capture: StepCapture | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.unet = unet
@@ -226,6 +232,10 @@ class DragOptimisation(L.LightningModule):
         self.lr = float(lr)
         self.n_steps = int(n_steps)
         self.fused_optimizer = bool(fused_optimizer)
+        self.capture = capture
+        self._step_hooks: ExitStack | None = None
+        self._captured_forward = None
+        self._captured_opt_step = None
         self.sup_size = tuple(mask.shape[-2:])
         self.register_buffer("handles_init", handles.detach().float().clone())
         self.register_buffer("handles", handles.detach().float().clone())
@@ -284,16 +294,50 @@ class DragOptimisation(L.LightningModule):
         return trainer.precision_plugin.forward_context() if trainer is not None else torch.no_grad()
 
     def on_train_start(self) -> None:
-        if self.reuse_initial_forward:
-            return
-        with torch.no_grad(), self._precision_context():
-            self.eps_init, self.features_init, self.x_prev_init = self.drag_forward(self.param,
-                                                                                    initial=True)
-        self.features_init = self.features_init.float()
-        self.x_prev_init = self.x_prev_init.float()
+        if not self.reuse_initial_forward:
+            with torch.no_grad(), self._precision_context():
+                self.eps_init, self.features_init, self.x_prev_init = self.drag_forward(
+                    self.param, initial=True)
+            self.features_init = self.features_init.float()
+            self.x_prev_init = self.x_prev_init.float()
+        if self.capture is not None:
+            self._capture_steps()
+
+    def _capture_steps(self) -> None:
+        """Set up the target's per-step hooks once and compile the step's forward."""
+        trainer = self._trainer
+        if trainer is not None and str(trainer.precision) in ("16-mixed", "16"):
+            raise ValueError("speed=graphs needs precision bf16-mixed or 32-true: fp16's loss "
+                             "scaler checks the gradients for inf on the host every step")
+        if not hasattr(self.target, "step_forward"):
+            raise ValueError(f"speed=graphs: the drag target {type(self.target).__name__} has no "
+                             "step_forward (its per-step forward with hooks set up once)")
+        self.release_steps()
+        self._step_hooks = ExitStack()
+        forward = self.target.step_forward(self.problem, self._step_hooks)
+        problem, schedule, sup_size = self.problem, self.schedule, self.sup_size
+
+        def step_forward(param):
+            eps, feats = forward(param)
+            features = self.compose_features(feats, sup_size)
+            x_prev = ddim_step(eps, problem.timestep, self.target.latent(problem, param), schedule)
+            return eps, features, x_prev
+        self._captured_forward = self.capture.compile(step_forward)
+
+    def release_steps(self) -> None:
+        """Remove the captured step's hooks and controllers (the UNet is as it was)."""
+        if self._step_hooks is not None:
+            self._step_hooks.close()
+        self._step_hooks = None
+        self._captured_forward = self._captured_opt_step = None
+
+    def on_train_end(self) -> None:
+        self.release_steps()
 
     # -- Lightning plumbing ------------------------------------------------------------------
     def configure_optimizers(self):
+        if self.capture is not None:
+            return torch.optim.Adam([self.param], lr=self.lr, **self.capture.optimizer_kwargs())
         return torch.optim.Adam([self.param], lr=self.lr,
                                 fused=self.fused_optimizer or None)
 
@@ -306,11 +350,12 @@ class DragOptimisation(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         step = int(batch)
-        eps, features, x_prev = self.drag_forward(self.param)
+        forward = self._captured_forward or self.drag_forward
+        eps, features, x_prev = forward(self.param)
         if self.features_init is None:
-            self.eps_init = eps.detach()
-            self.features_init = features.detach().float()
-            self.x_prev_init = x_prev.detach().float()
+            self.eps_init = outlives_replay(eps, self.capture)
+            self.features_init = outlives_replay(features, self.capture).float()
+            self.x_prev_init = outlives_replay(x_prev, self.capture).float()
         state = DragState(step=step, features=features, features_init=self.features_init,
                           handles=self.handles.clone(), handles_init=self.handles_init,
                           targets=self.targets, eps=eps, x_prev=x_prev, mask=self.mask,
@@ -330,7 +375,12 @@ class DragOptimisation(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        opt.step()
+        if self._captured_forward is not None:
+            if self._captured_opt_step is None:
+                self._captured_opt_step = self.capture.optimizer_step(opt.optimizer)
+            self._captured_opt_step()
+        else:
+            opt.step()
         self.num_steps = step + 1
         for cb in callbacks:
             if hasattr(cb, "on_drag_step_end"):
@@ -364,6 +414,9 @@ def fit_drag(module: DragOptimisation, callbacks: list, *, precision: str = "32-
     Loggers are off: per-step curves reach the experiment's W&B run through the trajectory
     callback, one run per experiment rather than per image.
     """
-    fit(module, max_steps=module.n_steps, callbacks=callbacks, progress=progress,
-        keep=(module.unet,), precision=precision, accelerator=accelerator)
+    try:
+        fit(module, max_steps=module.n_steps, callbacks=callbacks, progress=progress,
+            keep=(module.unet,), precision=precision, accelerator=accelerator)
+    finally:   # a captured step's hooks never outlive the fit, whatever happened in it
+        module.release_steps()
     return module

@@ -39,6 +39,7 @@ from ..core.augment import crop_offsets, lora_views, resize_shorter, to_model_ra
 from ..core.lora import (LORA_WEIGHT_NAME, add_lora, has_lora, load_lora, lora_parameters,
                          lora_state_dict, save_lora)
 from ..core.schedule import sd_alphas_cumprod
+from ..performance.capture import StepCapture, outlives_replay
 from .fitting import fit
 
 __all__ = ["Draws", "RandomDraws", "ReplayDraws", "LoRAFineTune", "ddpm_add_noise",
@@ -223,13 +224,17 @@ class LoRAFineTune(L.LightningModule):
             per-step loss is logged: a step then makes no host round trip.
         fused_optimizer: AdamW as one fused kernel (``speed.fused_optimizer``); the same
             update up to rounding.
+        capture: run each step as compiled graphs (``speed=graphs``,
+            :mod:`dragexp.performance.capture`): noising, UNet and MSE as one graph with its
+            backward, the AdamW update as another.
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_embedding: torch.Tensor,
                  image: np.ndarray, scaling_factor: float = 0.18215, rank: int = 16,
                  lr: float = 5e-4, weight_decay: float = 1e-2, steps: int = 80,
                  batch_size: int = 4, resolution: int = 512, draws: Draws | None = None,
-                 prefetch: bool = False, fused_optimizer: bool = False):
+                 prefetch: bool = False, fused_optimizer: bool = False,
+                 capture: StepCapture | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.unet = unet
@@ -254,6 +259,8 @@ class LoRAFineTune(L.LightningModule):
             raise ValueError("LoRA prefetch replays RandomDraws' sequence; "
                              f"got {type(self.draws).__name__}")
         self._fetched: dict[str, torch.Tensor] = {}
+        self.capture = capture
+        self._captured_loss = self._captured_opt_step = None
 
     # data --------------------------------------------------------------------------------
     def train_dataloader(self):
@@ -265,9 +272,10 @@ class LoRAFineTune(L.LightningModule):
         for p in params:
             if p.dtype != torch.float32:
                 raise TypeError(f"LoRA weights must be float32, got {p.dtype}")
+        kwargs = self.capture.optimizer_kwargs() if self.capture is not None else \
+            dict(fused=self.fused_optimizer or None)
         return torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.999), eps=1e-8,
-                                 weight_decay=self.weight_decay,
-                                 fused=self.fused_optimizer or None)
+                                 weight_decay=self.weight_decay, **kwargs)
 
     def encode_views(self) -> torch.Tensor:
         """One step's model input: posterior sample of the augmented views times the scale."""
@@ -331,13 +339,18 @@ class LoRAFineTune(L.LightningModule):
             model_input = self.encode_views()
             noise = self.draws.noise(model_input.shape).to(model_input)
             t = self.draws.timesteps(model_input.shape[0]).to(self.device, torch.long)
-        noisy = ddpm_add_noise(self.alphas_cumprod, model_input, noise, t)
-        dtype = _module_dtype(self.unet)
-        emb = self.text_embedding.to(dtype).repeat(model_input.shape[0], 1, 1)
-        pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=emb).sample
-        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        if self.capture is not None and self._captured_loss is None:
+            self._captured_loss = self.capture.compile(self.denoising_loss)
+        loss, noisy, pred = (self._captured_loss or self.denoising_loss)(model_input, noise, t)
         self.manual_backward(loss)
-        opt.step()
+        if self.capture is not None:
+            if self._captured_opt_step is None:
+                self._captured_opt_step = self.capture.optimizer_step(opt.optimizer)
+            self._captured_opt_step()
+        else:
+            opt.step()
+        if self.capture is not None:
+            noisy, pred = outlives_replay(noisy, self.capture), outlives_replay(pred, self.capture)
         self.last_step = {"loss": loss.detach(), "noisy_model_input": noisy.detach(),
                           "unet_timesteps": t.detach(), "model_pred": pred.detach()}
         if not self.prefetch:   # the progress bar reads the value back: a host sync per step
@@ -345,7 +358,17 @@ class LoRAFineTune(L.LightningModule):
                      batch_size=model_input.shape[0])
         return loss.detach()
 
+    def denoising_loss(self, model_input: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+        """(MSE(eps_theta(x_t, t), noise), x_t, eps_theta) for x_t = add_noise(x_0, noise, t):
+        the LoRA objective (DragDiffusion step 1), the graph a captured step compiles."""
+        noisy = ddpm_add_noise(self.alphas_cumprod, model_input, noise, t)
+        dtype = _module_dtype(self.unet)
+        emb = self.text_embedding.to(dtype).repeat(model_input.shape[0], 1, 1)
+        pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=emb).sample
+        return F.mse_loss(pred.float(), noise.float(), reduction="mean"), noisy, pred
+
     def on_train_end(self) -> None:
+        self._captured_loss = self._captured_opt_step = None
         self.final_lora_state = self.lora_weights()
 
     def lora_weights(self) -> dict[str, torch.Tensor]:

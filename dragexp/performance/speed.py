@@ -39,6 +39,12 @@ authors' own GPU precision). ``fast`` changes only how the same edit is computed
   cross-attention keys/values computed once per edit, no multiplications or divisions by 1.0,
   the time embedding's SiLU applied once (726 -> 587 launches per call at SD-1.5's topology).
 
+* ``graphs`` (``speed=graphs``: the fast path plus this): every drag and LoRA step runs as
+  compiled graphs (:mod:`dragexp.performance.capture`): the forward with its backward, and the
+  optimiser step, each traced once per edit with ``fullgraph=True``; replayed as CUDA graphs
+  on CUDA (``graphs_backend: auto`` = inductor, ``reduce-overhead``), run through AOTAutograd
+  with eager kernels on the CPU (correctness, not speed). Needs bf16-mixed or fp32.
+
 SDPA attention is used in both settings: diffusers' default processor and
 :class:`dragexp.core.attention.ControlledAttnProcessor` both call
 ``torch.nn.functional.scaled_dot_product_attention``.
@@ -73,6 +79,8 @@ class SpeedSettings:
     fused_optimizer: bool = False
     lora_prefetch: bool = False
     lean_unet: bool = False
+    graphs: bool = False
+    graphs_backend: str = "auto"
 
     @classmethod
     def from_config(cls, cfg) -> "SpeedSettings":
@@ -87,6 +95,13 @@ class SpeedSettings:
         if unknown:
             raise ValueError(f"speed: unknown key(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
+
+    def step_capture(self, device: torch.device | str):
+        """The :class:`dragexp.performance.capture.StepCapture` of ``graphs``, or None."""
+        if not self.graphs:
+            return None
+        from .capture import StepCapture
+        return StepCapture.for_device(device, self.graphs_backend)
 
 
 def _resnet_blocks(unet: nn.Module) -> list[nn.Module]:

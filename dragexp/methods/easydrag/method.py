@@ -94,19 +94,19 @@ def drag_module(unet, z_t: torch.Tensor, timestep: int, cond: torch.Tensor,
                 schedule: DDIMSchedule, feature_idx, objective: CosineDragObjective,
                 lr: float, n_steps: int, reference: bool = True,
                 forward_fn=None, cache_reference: bool = False,
-                fused_optimizer: bool = False) -> DragOptimisation:
+                fused_optimizer: bool = False, capture=None) -> DragOptimisation:
     """The shared drag optimisation with EasyDrag's target, feature composition and loss.
 
     ``mask`` (1, 1, h, w) at image resolution is the drawn mask (the supervision grid is the
     image); the auto-mask callback replaces it from step 0 when active. ``cache_reference``:
     the fast path's batch-1 drag against recorded reference keys/values; ``fused_optimizer``
-    its one-kernel Adam.
+    its one-kernel Adam; ``capture`` ``speed=graphs``' compiled steps.
     """
     target = ReferenceLatentTarget(reference, forward_fn, cache_reference)
     return DragOptimisation(unet, target, z_t, timestep, cond, handles, targets, mask, schedule,
                             feature_idx, objective, lr, n_steps,
                             compose_features=concat_then_resize,
-                            fused_optimizer=fused_optimizer)
+                            fused_optimizer=fused_optimizer, capture=capture)
 
 
 def sample_with_reference(model, latent: torch.Tensor, cond: torch.Tensor,
@@ -248,7 +248,8 @@ class EasyDragMethod:
                              mask, self.schedule, self.feature_idx, self.objective, self.lr,
                              self.n_pix_step, self.training_reference,
                              cache_reference=speed.cache_reference,
-                             fused_optimizer=speed.fused_optimizer)
+                             fused_optimizer=speed.fused_optimizer,
+                             capture=speed.step_capture(device))
         with timer("optimisation"):
             fit_drag(module, callbacks, precision=precision, progress=ctx.progress)
         with timer("denoising"), autocast:

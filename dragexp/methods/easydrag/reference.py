@@ -6,7 +6,7 @@ import torch
 
 from ...core.attention import (CachedReference, RecordKeysValues, reference_attention,
                                self_attention_control, self_attention_names)
-from ...core.features import unet_eps_and_features
+from ...core.features import FeatureTap, tapped_forward, unet_eps_and_features
 from ...drag.targets import DragProblem, LatentTarget
 
 
@@ -57,6 +57,28 @@ class ReferenceLatentTarget(LatentTarget):
                 return self._run(problem, param)
         eps, feats = self.batch_forward(problem, param)
         return eps[:1], [f[:1] for f in feats]
+
+    def step_forward(self, problem: DragProblem, stack):
+        """:meth:`forward` with the tap and the reference attention (recorded keys/values, or
+        the batch ``[z_t, z_t^orig]``) set up once on ``stack``
+        (:meth:`dragexp.drag.targets.LatentTarget.step_forward`)."""
+        if self.forward_fn is not unet_eps_and_features:
+            return lambda param: self.forward(problem, param)
+        unet, t = problem.unet, problem.timestep
+        if self.reference and self.reference_kv:
+            stack.enter_context(self_attention_control(unet, CachedReference(self.reference_kv)))
+        elif self.reference:
+            stack.enter_context(reference_attention(unet))
+        tap = stack.enter_context(FeatureTap(unet, problem.feature_idx))
+        if not self.reference or self.reference_kv:
+            return lambda param: tapped_forward(unet, tap, param, t, problem.text_embedding)
+        text = problem.text_embedding.expand(2, -1, -1)
+
+        def batch(param):
+            x = torch.cat([param, problem.z_t.to(param.dtype)])
+            eps, feats = tapped_forward(unet, tap, x, t, text)
+            return eps[:1], [f[:1] for f in feats]
+        return batch
 
     def initial_forward(self, problem: DragProblem, param: torch.Tensor):
         if not (self.reference and self.cache_reference):

@@ -42,6 +42,18 @@ class BottleneckTarget:
         got = dict(zip(later, tap.features)) if later else {}
         return eps, [param if i == self.feature else got[i] for i in problem.feature_idx]
 
+    def step_forward(self, problem: DragProblem, stack):
+        """:meth:`forward` with the tap of the later features entered once on ``stack``
+        (:meth:`dragexp.drag.targets.LatentTarget.step_forward`)."""
+        later = [i for i in problem.feature_idx if i != self.feature]
+        tap = stack.enter_context(FeatureTap(problem.unet, later)) if later else None
+
+        def forward(param):
+            eps = self.decoder(param)
+            got = dict(zip(later, tap.take())) if later else {}
+            return eps, [param if i == self.feature else got[i] for i in problem.feature_idx]
+        return forward
+
     def latent(self, problem: DragProblem, param: torch.Tensor) -> torch.Tensor:
         return problem.z_t
 

@@ -235,7 +235,8 @@ class LatentDragMethod:
                                   handles, targets, mask_sup, self.schedule, self.feature_idx,
                                   self.objective, self.lr, self.n_pix_step,
                                   reuse_initial_forward=speed.reuse_initial_forward,
-                                  fused_optimizer=speed.fused_optimizer)
+                                  fused_optimizer=speed.fused_optimizer,
+                                  capture=speed.step_capture(device))
         with timer("optimisation"):
             try:
                 fit_drag(module, callbacks, precision=ctx.precision, progress=ctx.progress)
@@ -266,6 +267,9 @@ class LatentDragMethod:
             settings.update(precision=precision, prefetch=bool(prefetch))
         if fused:
             settings.update(fused_optimizer=True)
+        capture = speed.step_capture(models.device)
+        if capture is not None:
+            settings.update(capture=capture.backend)
         key = lora_cache_key(sample.image, prompt, models.source, settings)
         return train_lora(models.unet, models.vae, text, sample.image, out_dir=ctx.lora_dir,
                           cache_key=key, progress=ctx.progress, callbacks=list(ctx.lora_callbacks),
@@ -273,7 +277,8 @@ class LatentDragMethod:
                           scaling_factor=models.scaling_factor, rank=self.lora["rank"],
                           lr=self.lora["lr"], steps=self.lora["steps"],
                           batch_size=self.lora["batch_size"], resolution=int(models.resolution),
-                          seed=self.seed, prefetch=prefetch, fused_optimizer=fused)
+                          seed=self.seed, prefetch=prefetch, fused_optimizer=fused,
+                          capture=capture)
 
 
 def _disable_lora(unet) -> None:
