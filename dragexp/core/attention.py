@@ -84,7 +84,24 @@ class AttentionController:
     """
 
     def __init__(self) -> None:
-        self.step = 0
+        self._step = 0
+        self.step_tensor = torch.zeros((), dtype=torch.int64)
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = int(value)
+        # filled in place: a compiled call reads the step from this tensor, so every step of
+        # a loop replays one graph (a Python int would be baked into the graph and retraced)
+        self.step_tensor.fill_(self._step)
+
+    def place(self, device: torch.device) -> None:
+        """Keep :attr:`step_tensor` on the device of the UNet the controller drives."""
+        if self.step_tensor.device != torch.device(device):
+            self.step_tensor = self.step_tensor.to(device)
 
     def active(self, layer: str) -> bool:
         return False
@@ -122,14 +139,20 @@ class ReferenceControl(AttentionController):
         return layer in self.layers and self.start_step <= self.step < self.total_steps
 
     def keys_values(self, layer, query, key, value):
-        if not self.active(layer):
+        compiling = torch.compiler.is_compiling()
+        if layer not in self.layers or not (compiling or self.active(layer)):
             return key, value
         b = key.shape[0]
         if b % self.groups:
             raise ValueError(f"batch {b} is not divisible into {self.groups} reference groups")
         per = b // self.groups
         ref = torch.arange(b, device=key.device) // per * per + self.ref_index % per
-        return key[ref], value[ref]
+        if not compiling:
+            return key[ref], value[ref]
+        # the step gate as a tensor (issue 20): one traced graph serves the steps inside and
+        # outside [start_step, total_steps)
+        on = (self.step_tensor >= self.start_step) & (self.step_tensor < self.total_steps)
+        return torch.where(on, key[ref], key), torch.where(on, value[ref], value)
 
 
 class ControlledAttnProcessor:
@@ -203,6 +226,7 @@ def self_attention_control(unet: nn.Module, controller: AttentionController,
         yield None
         return
     mods = _self_attention_modules(unet, regions)
+    controller.place(next(unet.parameters()).device)
     old = [m.processor for _, m in mods]
     for name, m in mods:
         m.set_processor(ControlledAttnProcessor(name, controller))
@@ -299,6 +323,7 @@ def attention_control(unet: nn.Module, controller: AttentionController) -> Itera
     the controller decides which of them deviate from ordinary attention.
     """
     old = dict(unet.attn_processors)
+    controller.place(next(unet.parameters()).device)
     unet.set_attn_processor({name: ControlledAttnProcessor(name, controller) for name in old})
     try:
         yield controller

@@ -31,12 +31,16 @@ class NoisePredictor:
         bottleneck: optional tensor substituted for the mid-block output (DragNoise's
             propagation), used at schedule index ``i`` while ``bottleneck_until(i)`` holds;
             ``bottleneck_feature`` says which feature map it replaces (0 = mid block).
+        gated: the captured form (``speed=graphs``): with a bottleneck, every call replaces
+            the output through ``torch.where`` on a gate tensor holding ``bottleneck_until(i)``,
+            so the steps with and without the substitution are one traced graph (the eager
+            form adds the replacing hook only where it acts).
     """
 
     def __init__(self, unet: nn.Module, cond: torch.Tensor, uncond: torch.Tensor | None = None,
                  guidance: float = 1.0, bottleneck: torch.Tensor | None = None,
                  bottleneck_until: Callable[[int], bool] | None = None,
-                 bottleneck_feature: int = 0):
+                 bottleneck_feature: int = 0, gated: bool = False):
         self.unet = unet
         self.cond = cond
         self.uncond = uncond
@@ -47,6 +51,9 @@ class NoisePredictor:
         self.last_raw_eps: torch.Tensor | None = None
         self.last_injected = False
         self._cfg_text: dict[tuple, torch.Tensor] = {}
+        self.gated = bool(gated) and bottleneck is not None
+        self._gate = torch.zeros((), dtype=torch.bool, device=cond.device)
+        self._gate_value: torch.Tensor | None = None
 
     @property
     def cfg(self) -> bool:
@@ -57,6 +64,9 @@ class NoisePredictor:
             return None
         h = self.bottleneck
         return h.expand(batch, *h.shape[1:]) if h.shape[0] == 1 else h
+
+    def _gated_output(self, _module, _inputs, output):
+        return torch.where(self._gate, self._gate_value.to(output.dtype), output)
 
     def __call__(self, x: torch.Tensor, t: int, i: int = 0) -> torch.Tensor:
         b = x.shape[0]
@@ -74,8 +84,18 @@ class NoisePredictor:
             x_in, text = x, self.cond.expand(b, -1, -1)
         h = self._bottleneck_for(i, x_in.shape[0])
         self.last_injected = h is not None
-        with replace_output(self.bottleneck_module, h):
-            eps = self.unet(x_in, t, encoder_hidden_states=text, return_dict=False)[0]
+        if self.gated:
+            self._gate.fill_(h is not None)
+            bn = self.bottleneck
+            self._gate_value = bn.expand(x_in.shape[0], *bn.shape[1:]) if bn.shape[0] == 1 else bn
+            handle = self.bottleneck_module.register_forward_hook(self._gated_output)
+            try:
+                eps = self.unet(x_in, t, encoder_hidden_states=text, return_dict=False)[0]
+            finally:
+                handle.remove()
+        else:
+            with replace_output(self.bottleneck_module, h):
+                eps = self.unet(x_in, t, encoder_hidden_states=text, return_dict=False)[0]
         self.last_raw_eps = eps
         if self.cfg:
             eps_u, eps_c = eps.chunk(2)

@@ -96,3 +96,59 @@ def outlives_replay(t: torch.Tensor, capture: StepCapture | None) -> torch.Tenso
     """``t`` detached, cloned when a CUDA-graph replay would overwrite it."""
     t = t.detach()
     return t.clone() if capture is not None and capture.cuda_graphs else t
+
+
+class CapturedUNet:
+    """While entered, the UNet's calls run as compiled graphs (inversion, denoising, guidance).
+
+    ``unet(x, t, encoder_hidden_states=text, return_dict=False)`` keeps its signature; the
+    timestep is handed to the graph as a 0-d tensor on the UNet's device (one per value, made
+    once), so the steps of a loop differ only in tensor values and share one graph. What the
+    attention controllers and feature taps installed around the loop do is traced into that
+    graph; their per-step state is read from tensors (:attr:`dragexp.core.attention.
+    AttentionController.step_tensor`). Outputs are cloned when a CUDA-graph replay would
+    overwrite them.
+    """
+
+    def __init__(self, unet: torch.nn.Module, capture: StepCapture):
+        self.unet = unet
+        self.capture = capture
+        self._timesteps: dict[tuple, torch.Tensor] = {}
+        forward = type(unet).forward
+
+        def call(x, t, text):
+            return forward(unet, x, t, encoder_hidden_states=text, return_dict=False)[0]
+        self._compiled = capture.compile(call)
+
+    def _timestep(self, t, device) -> torch.Tensor:
+        if isinstance(t, torch.Tensor):
+            return t
+        key = (int(t), device)
+        cached = self._timesteps.get(key)
+        if cached is None:
+            cached = self._timesteps[key] = torch.tensor(int(t), dtype=torch.int64, device=device)
+        return cached
+
+    def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
+        if kwargs or return_dict:
+            # what the graph does not cover runs as it always did
+            return type(self.unet).forward(self.unet, sample, timestep,
+                                           encoder_hidden_states=encoder_hidden_states,
+                                           return_dict=return_dict, **kwargs)
+        eps = self._compiled(sample, self._timestep(timestep, sample.device),
+                             encoder_hidden_states)
+        # clone (not detach): a guidance step differentiates through the call
+        return (eps.clone() if self.capture.cuda_graphs else eps,)
+
+    def __enter__(self) -> "CapturedUNet":
+        self.unet.forward = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unet.__dict__.pop("forward", None)
+
+
+def captured_unet(unet: torch.nn.Module, capture: StepCapture | None):
+    """:class:`CapturedUNet` as a context, or a no-op context when ``capture`` is None."""
+    from contextlib import nullcontext
+    return nullcontext() if capture is None else CapturedUNet(unet, capture)

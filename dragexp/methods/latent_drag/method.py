@@ -22,6 +22,7 @@ import torch
 from ...callbacks.drag import callback_images, check_before_edit, trajectory_recorder
 from ...core.attention import ReferenceControl, attention_control, self_attention_layers
 from ...core.inversion import ddim_invert
+from ...performance.capture import captured_unet
 from ...core.lora import merged_lora
 from ...core.sampling import NoisePredictor, ddim_sample
 from ...core.schedule import DDIMSchedule
@@ -83,19 +84,20 @@ def denoise(unet, latents: torch.Tensor, text: torch.Tensor, schedule: DDIMSched
             start_index: int, settings: DenoiseSettings, uncond: torch.Tensor | None = None,
             guidance: float = 1.0, bottleneck: torch.Tensor | None = None,
             on_step: Callable | None = None, predictor_hook: Callable | None = None,
-            bottleneck_feature: int = 0) -> torch.Tensor:
+            bottleneck_feature: int = 0, gated: bool = False) -> torch.Tensor:
     """Denoise a batch ``[reference, edited, ...]`` from ``timesteps[start_index]`` to 0.
 
     With reference control on, the edited branch's self-attention in transformer blocks
     ``start_layer..`` reads the reference branch's keys/values (docs/methods.md, DragDiffusion 4).
-    With a
-    ``bottleneck``, it replaces the mid-block output at the steps DragNoise propagates it.
+    With a ``bottleneck``, it replaces the mid-block output at the steps DragNoise propagates
+    it. ``gated``: the form a captured UNet traces once for all steps
+    (:class:`dragexp.core.sampling.NoisePredictor`).
     """
     n = schedule.num_inference_steps
     predictor = NoisePredictor(unet, text, uncond, guidance, bottleneck,
                                bottleneck_until=lambda i: i < n - settings.end_step and (
                                    settings.propagate or i == start_index),
-                               bottleneck_feature=bottleneck_feature)
+                               bottleneck_feature=bottleneck_feature, gated=gated)
     eps_fn = predictor if predictor_hook is None else predictor_hook(predictor)
     ctx = nullcontext(None)
     controller = None
@@ -228,7 +230,8 @@ class LatentDragMethod:
         n_actual = self.edit_steps()
         start = self.schedule.edit_index(n_actual)
         t = self.schedule.timesteps[start]
-        with timer("inversion"), autocast:
+        capture = speed.step_capture(device)
+        with timer("inversion"), autocast, captured_unet(models.unet, capture):
             z_t = invert(models.unet, latent0, text, self.schedule, n_actual)[-1].float()
 
         module = DragOptimisation(models.unet, self.make_target(), z_t, t, text,
@@ -236,7 +239,7 @@ class LatentDragMethod:
                                   self.objective, self.lr, self.n_pix_step,
                                   reuse_initial_forward=speed.reuse_initial_forward,
                                   fused_optimizer=speed.fused_optimizer,
-                                  capture=speed.step_capture(device))
+                                  capture=capture)
         with timer("optimisation"):
             try:
                 fit_drag(module, callbacks, precision=ctx.precision, progress=ctx.progress)
@@ -247,10 +250,11 @@ class LatentDragMethod:
         # the fast path drops it (the authors' code denoises both).
         batch = edited if speed.single_branch and not self.denoise_settings.reference_control \
             else torch.cat([z_t, edited])
-        with timer("denoising"), autocast:
+        with timer("denoising"), autocast, captured_unet(models.unet, capture):
             out = denoise(models.unet, batch, text, self.schedule, start,
                           self.denoise_settings, bottleneck=bottleneck,
-                          bottleneck_feature=getattr(module.target, "feature", 0))
+                          bottleneck_feature=getattr(module.target, "feature", 0),
+                          gated=capture is not None)
         return module, out
 
     def _lora(self, sample, prompt, models, text, ctx: EditContext):
