@@ -171,3 +171,56 @@ def test_lora_step_is_two_graphs_without_recompiles():
     worst = max((runs[True][0][k] - v).abs().max().item() for k, v in runs[False][0].items())
     print("max LoRA weight difference", worst)
     assert worst < 1e-3 * 1e-2 * 3   # a thousandth of what 3 Adam steps of lr 1e-2 can move
+
+
+# -- captured UNet loops: inversion, denoising, reference guidance -----------------------------
+
+def _methods():
+    from dragexp.methods.easydrag.method import EasyDragMethod
+    from dragexp.methods.latent_drag.method import LatentDragMethod
+
+    return {
+        "dragdiffusion": lambda: LatentDragMethod(lora_steps=0, n_inference_step=10,
+                                                  n_pix_step=3),
+        # the bottleneck replaces the mid block for the first steps only: the gate flips
+        "dragnoise": lambda: LatentDragMethod(
+            name="dragnoise", lora_steps=0, n_inference_step=10, n_pix_step=3,
+            target="bottleneck", mask_term="always",
+            denoise=dict(reference_control=False, end_step=2)),
+        # reference guidance for the last 4 of 7 steps: batch 1, then [x, x, ref]
+        "easydrag": lambda: EasyDragMethod(n_inference_step=10, n_actual_inference_step=7,
+                                           n_pix_step=3, ref_start_step=4),
+    }
+
+
+@pytest.mark.parametrize("name", ["dragdiffusion", "dragnoise", "easydrag"])
+def test_an_edit_under_speed_graphs_compiles_each_kind_of_step_once(tiny, name):
+    """``speed=graphs`` on a whole edit: the inversion's 7 steps, the drag's 3 and the
+    denoising's 7 compile to 4 graphs in all (one UNet call of each kind, the drag step's
+    forward+backward and its optimiser step), however many steps run: the step gates
+    (DragDiffusion's reference control, DragNoise's bottleneck, EasyDrag's reference
+    guidance) are tensors or shapes, never a value baked into a graph. The edited image is the
+    eager fast path's."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from dragexp.data.toybench import ToyBench
+    from dragexp.methods.base import EditContext
+    from dragexp.performance.speed import SpeedSettings
+
+    sample = ToyBench(1, 0, (64, 64))[0]
+    fast = SpeedSettings(cache_reference=True, batch_guidance=True)
+    images, graphs = {}, {}
+    for graphed in (False, True):
+        torch._dynamo.reset()
+        before = _graphs()
+        torch.manual_seed(0)
+        # dynamo's graphs without AOTAutograd's (what breaks or recompiles is dynamo's business)
+        speed = replace(fast, graphs=graphed, graphs_backend="eager")
+        result = _methods()[name]().edit(sample, tiny, EditContext(speed=speed, progress=False))
+        images[graphed], graphs[graphed] = result.image.astype(int), _graphs() - before
+    assert graphs == {False: 0, True: 4}
+    assert np.abs(images[True] - images[False]).max() <= 2
+    assert not any(m._forward_hooks for m in tiny.unet.modules())
+    assert "forward" not in tiny.unet.__dict__

@@ -35,6 +35,7 @@ from ...core.inversion import ddim_invert
 from ...core.sampling import NoisePredictor, ReferenceAttentionUNet, ReferenceGuidance, ddim_sample
 from ...core.schedule import DDIMSchedule
 from ...core.stages import StageTimer
+from ...performance.capture import captured_unet
 from ...drag.points import binarize_mask, clicks_to_grid
 from ...modules.drag_optimisation import CosineDragObjective, DragOptimisation, fit_drag
 from ..base import (EditContext, EditResult, autocast_for, decode_image, edit_result, image_tensor,
@@ -238,7 +239,8 @@ class EasyDragMethod:
                                           generator=gen).float()
         start = self.schedule.edit_index(self.n_actual_steps)
         t = self.schedule.timesteps[start]
-        with timer("inversion"), autocast:
+        capture = speed.step_capture(device)
+        with timer("inversion"), autocast, captured_unet(models.unet, capture):
             latents = [x.float() for x in
                        invert_all(NoisePredictor(models.unet, cond), latent0, self.schedule)]
         z_t = latents[self.n_actual_steps]
@@ -249,10 +251,10 @@ class EasyDragMethod:
                              self.n_pix_step, self.training_reference,
                              cache_reference=speed.cache_reference,
                              fused_optimizer=speed.fused_optimizer,
-                             capture=speed.step_capture(device))
+                             capture=capture)
         with timer("optimisation"):
             fit_drag(module, callbacks, precision=precision, progress=ctx.progress)
-        with timer("denoising"), autocast:
+        with timer("denoising"), autocast, captured_unet(models.unet, capture):
             out = sample_with_reference(ReferenceAttentionUNet(models.unet), module.result,
                                         cond, uncond, self.schedule, start, latents,
                                         self.guidance_scale, self.ref_start_step,
