@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..core.features import resize_concat
-from ..performance.capture import StepCapture, outlives_replay
+from ..performance.capture import StepCapture, optimizer_step, outlives_replay
 from ..core.schedule import DDIMSchedule, ddim_step
 from ..drag.losses import (consistency_loss, cosine_point_loss, mask_preservation_loss,
                            motion_supervision_loss)
@@ -235,7 +235,6 @@ class DragOptimisation(L.LightningModule):
         self.capture = capture
         self._step_hooks: ExitStack | None = None
         self._captured_forward = None
-        self._captured_opt_step = None
         self.sup_size = tuple(mask.shape[-2:])
         self.register_buffer("handles_init", handles.detach().float().clone())
         self.register_buffer("handles", handles.detach().float().clone())
@@ -329,7 +328,7 @@ class DragOptimisation(L.LightningModule):
         if self._step_hooks is not None:
             self._step_hooks.close()
         self._step_hooks = None
-        self._captured_forward = self._captured_opt_step = None
+        self._captured_forward = None
 
     def on_train_end(self) -> None:
         self.release_steps()
@@ -375,12 +374,7 @@ class DragOptimisation(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if self._captured_forward is not None:
-            if self._captured_opt_step is None:
-                self._captured_opt_step = self.capture.optimizer_step(opt.optimizer)
-            self._captured_opt_step()
-        else:
-            opt.step()
+        optimizer_step(opt, self.capture)
         self.num_steps = step + 1
         for cb in callbacks:
             if hasattr(cb, "on_drag_step_end"):

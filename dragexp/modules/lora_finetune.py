@@ -39,7 +39,7 @@ from ..core.augment import crop_offsets, lora_views, resize_shorter, to_model_ra
 from ..core.lora import (LORA_WEIGHT_NAME, add_lora, has_lora, load_lora, lora_parameters,
                          lora_state_dict, save_lora)
 from ..core.schedule import sd_alphas_cumprod
-from ..performance.capture import StepCapture, outlives_replay
+from ..performance.capture import StepCapture, optimizer_step, outlives_replay
 from .fitting import fit
 
 __all__ = ["Draws", "RandomDraws", "ReplayDraws", "LoRAFineTune", "ddpm_add_noise",
@@ -260,7 +260,7 @@ class LoRAFineTune(L.LightningModule):
                              f"got {type(self.draws).__name__}")
         self._fetched: dict[str, torch.Tensor] = {}
         self.capture = capture
-        self._captured_loss = self._captured_opt_step = None
+        self._captured_loss = None
 
     # data --------------------------------------------------------------------------------
     def train_dataloader(self):
@@ -343,12 +343,7 @@ class LoRAFineTune(L.LightningModule):
             self._captured_loss = self.capture.compile(self.denoising_loss)
         loss, noisy, pred = (self._captured_loss or self.denoising_loss)(model_input, noise, t)
         self.manual_backward(loss)
-        if self.capture is not None:
-            if self._captured_opt_step is None:
-                self._captured_opt_step = self.capture.optimizer_step(opt.optimizer)
-            self._captured_opt_step()
-        else:
-            opt.step()
+        optimizer_step(opt, self.capture)
         if self.capture is not None:
             noisy, pred = outlives_replay(noisy, self.capture), outlives_replay(pred, self.capture)
         self.last_step = {"loss": loss.detach(), "noisy_model_input": noisy.detach(),
@@ -368,7 +363,7 @@ class LoRAFineTune(L.LightningModule):
         return F.mse_loss(pred.float(), noise.float(), reduction="mean"), noisy, pred
 
     def on_train_end(self) -> None:
-        self._captured_loss = self._captured_opt_step = None
+        self._captured_loss = None
         self.final_lora_state = self.lora_weights()
 
     def lora_weights(self) -> dict[str, torch.Tensor]:

@@ -82,6 +82,22 @@ class StepCapture:
         return {"capturable": True} if self.cuda_graphs else {}
 
 
+def optimizer_step(optimizer, capture: StepCapture | None) -> None:
+    """One optimiser step: ``optimizer.step()`` in eager mode, or its compiled update
+    (:meth:`StepCapture.optimizer_step`, traced on the first step and kept on the optimiser).
+
+    ``optimizer`` may be Lightning's wrapper; the compiled update is the wrapped optimiser's.
+    """
+    if capture is None:
+        optimizer.step()
+        return
+    inner = getattr(optimizer, "optimizer", optimizer)
+    step = getattr(inner, "_dragexp_captured_step", None)
+    if step is None:
+        step = inner._dragexp_captured_step = capture.optimizer_step(inner)
+    step()
+
+
 def _raise_recompile_limit() -> None:
     # One process captures the steps of many edits (new tensors, new shapes per sample); the
     # default limit of 8 graphs per code object would silently fall back to eager.

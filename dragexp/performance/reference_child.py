@@ -131,6 +131,20 @@ def _load(req: dict, watch: Stopwatch):
     return model
 
 
+def _invert(model, source, prompt: str, args, watch: Stopwatch, **text_kwargs):
+    """The checkouts' common preamble: their ``invert`` (guidance 1), timed, then the drag's
+    timestep. (z_t, a copy of it kept for denoising, t); the checkouts differ only in whether
+    the text embedding is handed in (``text_kwargs``)."""
+    t0 = time.perf_counter()
+    z_t = model.invert(source, prompt, guidance_scale=1.0,
+                       num_inference_steps=args.n_inference_step,
+                       num_actual_inference_steps=args.n_actual_inference_step, **text_kwargs)
+    watch.add("inversion", time.perf_counter() - t0 - watch.seconds.get("encode", 0.0))
+    model.scheduler.set_timesteps(args.n_inference_step)
+    t = model.scheduler.timesteps[args.n_inference_step - args.n_actual_inference_step]
+    return z_t, copy.deepcopy(z_t), t
+
+
 def run_dragdiffusion(req: dict, watch: Stopwatch) -> dict:
     """DragDiffusion (ebe659a9c5b7): invert, drag the latent, denoise with mutual attention."""
     from utils.attn_utils import MutualSelfAttentionControl, register_attention_editor_diffusers
@@ -143,14 +157,8 @@ def run_dragdiffusion(req: dict, watch: Stopwatch) -> dict:
     model.unet.set_default_attn_processor()   # run_drag without a LoRA
     text = model.get_text_embeddings(req["prompt"])
 
-    t0 = time.perf_counter()
-    z_t = model.invert(source, req["prompt"], encoder_hidden_states=text, guidance_scale=1.0,
-                       num_inference_steps=args.n_inference_step,
-                       num_actual_inference_steps=args.n_actual_inference_step)
-    watch.add("inversion", time.perf_counter() - t0 - watch.seconds.get("encode", 0.0))
-    z_orig = copy.deepcopy(z_t)
-    model.scheduler.set_timesteps(args.n_inference_step)
-    t = model.scheduler.timesteps[args.n_inference_step - args.n_actual_inference_step]
+    z_t, z_orig, t = _invert(model, source, req["prompt"], args, watch,
+                             encoder_hidden_states=text)
 
     t0 = time.perf_counter()
     edited = drag_diffusion_update(model, z_t, text, t, handles, targets, mask, args)
@@ -184,14 +192,7 @@ def run_dragnoise(req: dict, watch: Stopwatch) -> dict:
     args = _args(req, tuple(source.shape[-2:]))
     model.unet.set_default_attn_processor()
 
-    t0 = time.perf_counter()
-    z_t = model.invert(source, req["prompt"], guidance_scale=1.0,
-                       num_inference_steps=args.n_inference_step,
-                       num_actual_inference_steps=args.n_actual_inference_step)
-    watch.add("inversion", time.perf_counter() - t0 - watch.seconds.get("encode", 0.0))
-    z_orig = copy.deepcopy(z_t)
-    model.scheduler.set_timesteps(args.n_inference_step)
-    t = model.scheduler.timesteps[args.n_inference_step - args.n_actual_inference_step]
+    z_t, z_orig, t = _invert(model, source, req["prompt"], args, watch)
 
     t0 = time.perf_counter()
     updated, h_feature, _ = drag_diffusion_update(model, z_t, t, handles, targets, mask, args)
