@@ -76,17 +76,24 @@ class FeatureTap:
 
 
 @contextmanager
-def replace_output(module: nn.Module, value: torch.Tensor | None) -> Iterator[None]:
+def replace_output(module: nn.Module, value: torch.Tensor | None,
+                   gate: torch.Tensor | None = None) -> Iterator[None]:
     """Within the context, ``module``'s forward output is replaced by ``value``.
 
     The module still runs (its inputs are what the rest of the network computed), only its
     output is swapped. ``value=None`` leaves the module untouched. Used by DragNoise to feed the
     optimised bottleneck in place of the mid-block output (docs/methods.md, DragNoise 2).
+    ``gate``: a 0-d bool tensor; the output is replaced where it holds (``torch.where``), so a
+    compiled caller traces one graph for the steps with and without the substitution.
     """
     if value is None:
         yield
         return
-    handle = module.register_forward_hook(lambda _m, _i, _o: value)
+    if gate is None:
+        hook = lambda _m, _i, _o: value                                         # noqa: E731
+    else:
+        hook = lambda _m, _i, out: torch.where(gate, value.to(out.dtype), out)  # noqa: E731
+    handle = module.register_forward_hook(hook)
     try:
         yield
     finally:

@@ -53,20 +53,14 @@ class NoisePredictor:
         self._cfg_text: dict[tuple, torch.Tensor] = {}
         self.gated = bool(gated) and bottleneck is not None
         self._gate = torch.zeros((), dtype=torch.bool, device=cond.device)
-        self._gate_value: torch.Tensor | None = None
 
     @property
     def cfg(self) -> bool:
         return self.guidance != 1.0
 
-    def _bottleneck_for(self, i: int, batch: int) -> torch.Tensor | None:
-        if self.bottleneck is None or not self.bottleneck_until(i):
-            return None
+    def _bottleneck_over(self, batch: int) -> torch.Tensor:
         h = self.bottleneck
         return h.expand(batch, *h.shape[1:]) if h.shape[0] == 1 else h
-
-    def _gated_output(self, _module, _inputs, output):
-        return torch.where(self._gate, self._gate_value.to(output.dtype), output)
 
     def __call__(self, x: torch.Tensor, t: int, i: int = 0) -> torch.Tensor:
         b = x.shape[0]
@@ -82,20 +76,13 @@ class NoisePredictor:
                                                       self.cond.expand(b, -1, -1)])
         else:
             x_in, text = x, self.cond.expand(b, -1, -1)
-        h = self._bottleneck_for(i, x_in.shape[0])
-        self.last_injected = h is not None
+        inject = self.bottleneck is not None and bool(self.bottleneck_until(i))
+        self.last_injected = inject
+        h = self._bottleneck_over(x_in.shape[0]) if inject or self.gated else None
         if self.gated:
-            self._gate.fill_(h is not None)
-            bn = self.bottleneck
-            self._gate_value = bn.expand(x_in.shape[0], *bn.shape[1:]) if bn.shape[0] == 1 else bn
-            handle = self.bottleneck_module.register_forward_hook(self._gated_output)
-            try:
-                eps = self.unet(x_in, t, encoder_hidden_states=text, return_dict=False)[0]
-            finally:
-                handle.remove()
-        else:
-            with replace_output(self.bottleneck_module, h):
-                eps = self.unet(x_in, t, encoder_hidden_states=text, return_dict=False)[0]
+            self._gate.fill_(inject)
+        with replace_output(self.bottleneck_module, h, self._gate if self.gated else None):
+            eps = self.unet(x_in, t, encoder_hidden_states=text, return_dict=False)[0]
         self.last_raw_eps = eps
         if self.cfg:
             eps_u, eps_c = eps.chunk(2)

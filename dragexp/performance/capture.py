@@ -23,6 +23,7 @@ AOTAutograd with eager kernels (backend ``aot_eager``): correctness, not speed.
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -166,5 +167,4 @@ class CapturedUNet:
 
 def captured_unet(unet: torch.nn.Module, capture: StepCapture | None):
     """:class:`CapturedUNet` as a context, or a no-op context when ``capture`` is None."""
-    from contextlib import nullcontext
     return nullcontext() if capture is None else CapturedUNet(unet, capture)
